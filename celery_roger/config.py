@@ -1,0 +1,109 @@
+"""The ``roger_*`` settings, read from ``app.conf`` the way Celery reads its own."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+
+from .errors import ConfigurationError
+
+DEFAULT_RETRY_LEVELS = (1, 3, 5, 10, 20, 35, 60, 100, 200, 400, 1000, 1800)
+
+_MISSING = object()
+
+
+def _lookup(app: Celery, name: str) -> Any:
+    """A setting by its lowercase name, its uppercase name or Django's ``CELERY_`` form."""
+    conf = app.conf
+    for candidate in (name, name.upper(), "CELERY_" + name.upper()):
+        value = conf.get(candidate, _MISSING)
+        if value is not _MISSING:
+            return value
+    return _MISSING
+
+
+def _number(name: str, value: Any, *, minimum: float, integer: bool = False) -> float:
+    ok_types = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, ok_types) or not math.isfinite(value):
+        kind = "an integer" if integer else "a number"
+        raise ConfigurationError(f"setting {name} must be {kind}, got {value!r}")
+    if value < minimum:
+        raise ConfigurationError(f"setting {name} must be >= {minimum}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str
+    partition: str
+    callbacks: Any
+    retry_levels: tuple[float, ...]
+    lease_seconds: float
+    cancel_ttl: float
+    buried_max: int
+    dashboard_token: str | None
+    publish_grace_seconds: float
+
+    @classmethod
+    def from_app(cls, app: Celery) -> Settings:
+        def get(name: str, default: Any) -> Any:
+            value = _lookup(app, name)
+            return default if value is _MISSING or value is None else value
+
+        redis_url = get("roger_redis_url", None) or _default_redis_url(app)
+        if not isinstance(redis_url, str) or not redis_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ConfigurationError(
+                "setting roger_redis_url must be a redis://, rediss:// or unix:// URL, "
+                f"got {redact_url(redis_url)!r}"
+            )
+        partition = get("roger_partition", "default")
+        if not isinstance(partition, str) or not partition or "{" in partition or "}" in partition:
+            raise ConfigurationError(
+                "setting roger_partition must be a non-empty string without braces, "
+                f"got {partition!r}"
+            )
+        levels = get("roger_retry_levels", DEFAULT_RETRY_LEVELS)
+        return cls(
+            redis_url=redis_url,
+            partition=partition,
+            callbacks=get("roger_callbacks", None),
+            retry_levels=retry_levels("roger_retry_levels", levels),
+            lease_seconds=_number("roger_lease_seconds", get("roger_lease_seconds", 30), minimum=2),
+            cancel_ttl=_number("roger_cancel_ttl", get("roger_cancel_ttl", 604800), minimum=1),
+            buried_max=int(
+                _number("roger_buried_max", get("roger_buried_max", 10000), minimum=1, integer=True)
+            ),
+            dashboard_token=get("roger_dashboard_token", None),
+            publish_grace_seconds=_number(
+                "roger_publish_grace_seconds", get("roger_publish_grace_seconds", 60), minimum=1
+            ),
+        )
+
+
+def retry_levels(name: str, value: Any) -> tuple[float, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ConfigurationError(f"{name} must be a list of seconds, got {value!r}")
+    return tuple(_number(name, level, minimum=0) for level in value)
+
+
+def _default_redis_url(app: Celery) -> str:
+    broker = app.conf.broker_url or ""
+    if isinstance(broker, str) and broker.startswith(("redis://", "rediss://")):
+        return broker.split(";")[0]
+    return "redis://localhost:6379/0"
+
+
+def redact_url(url: Any) -> Any:
+    """The URL with any password replaced, for error messages and logs."""
+    if not isinstance(url, str) or "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user + ':' if user else ''}***@{host}"

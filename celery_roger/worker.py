@@ -1,0 +1,337 @@
+"""The worker side: admission, leases, and the end of each attempt.
+
+* Admission runs in the worker's main process, when a delivered roger job is handed to
+  the pool (``Consumer.on_task_request``): one Lua call either records the job as
+  running (taking its execution key) or parks it in Redis and acks its message. Jobs are
+  admitted in delivery order, so a key's parked line is FIFO.
+* A ``WorkerLease`` thread in the main process renews this worker's lease about once a
+  second and heals what dead workers left behind (their running jobs are finished, which
+  frees their keys and promotes the next parked jobs). If renewals fail for nearly a
+  lease, it kills this worker's roger jobs, so a freed key never has a live holder.
+* An attempt ends in the job's process (``task_postrun``: result stored, then keys
+  released and the next parked job published), or in the main process when the job's
+  process died (worker lost), hit the hard time limit, or was revoked.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from typing import Any
+
+from celery import Celery, bootsteps, signals
+from celery.exceptions import WorkerLostError
+from celery.worker import state as worker_state
+from celery.worker.request import Request
+from redis.exceptions import RedisError
+
+from .publish import HEADER, capture, republish
+from .runtime import runtime
+from .store import Promotion
+
+logger = logging.getLogger("celery_roger")
+
+TICK_SECONDS = 1.0
+
+
+def job_keys(request: Any) -> tuple[str, str]:
+    """(execution key, queue key) a job was published with; '' for none."""
+    job = getattr(request, HEADER, None) if not isinstance(request, dict) else request.get(HEADER)
+    if not isinstance(job, dict):
+        return "", ""
+    return _key(job.get("ek")), _key(job.get("qk"))
+
+
+def _key(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def hand_off(app: Celery, promotion: Promotion) -> None:
+    """Publish a promoted job; if that fails, a worker's tick publishes it later."""
+    store = runtime(app).store
+    try:
+        republish(app, promotion.message)
+    except Exception:
+        logger.exception(
+            "could not publish promoted job %s; it will be published again within %ss",
+            promotion.job_id, store.settings.publish_grace_seconds,
+        )
+        return
+    store.confirm_promoted(promotion.job_id)
+    logger.info("Promoted job %s: its execution key was handed to it", promotion.job_id)
+
+
+def finish_job(app: Celery, job_id: str, *, execution_key: str, queue_key: str) -> None:
+    """End a job's attempt in roger state and start the next parked job, if any."""
+    promotion = runtime(app).store.finish(
+        job_id, execution_key=execution_key, queue_key=queue_key
+    )
+    if promotion is not None:
+        hand_off(app, promotion)
+
+
+def _finish_quietly(app: Celery, job_id: str, execution_key: str, queue_key: str) -> None:
+    try:
+        finish_job(app, job_id, execution_key=execution_key, queue_key=queue_key)
+    except Exception:
+        logger.exception(
+            "could not release the keys of job %s; its worker's lease frees them", job_id
+        )
+
+
+class RogerRequest(Request):
+    """Main-process ends of an attempt that the job's own process never reports."""
+
+    _roger_started = False
+    _roger_lease_lost = False
+
+    def on_accepted(self, pid: int, time_accepted: float) -> None:
+        super().on_accepted(pid, time_accepted)
+        self._roger_started = True
+        if self._roger_lease_lost:
+            # The worker lost its lease while this job waited for a pool slot.
+            _kill(self)
+
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True,
+                   return_ok: bool = False) -> None:
+        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+        exc = getattr(exc_info.exception, "exc", exc_info.exception)
+        if isinstance(exc, (WorkerLostError, SystemExit, KeyboardInterrupt)) and not (
+            self._already_revoked or self._already_cancelled
+        ):
+            ek, qk = job_keys(self.request_dict)
+            _finish_quietly(self.task.app, self.id, ek, qk)
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        super().on_timeout(soft, timeout)
+        if not soft:
+            ek, qk = job_keys(self.request_dict)
+            _finish_quietly(self.task.app, self.id, ek, qk)
+
+
+def _kill(request: Any) -> None:
+    pool = request._roger_pool
+    try:
+        pool.terminate_job(request.worker_pid, signal.SIGKILL)
+        logger.error("Killed job %s: this worker lost its roger lease", request.id)
+    except NotImplementedError:
+        logger.error(
+            "Job %s keeps running although this worker lost its roger lease: the %s pool "
+            "cannot stop a running job", request.id, type(pool).__name__,
+        )
+
+
+class Admission:
+    """Wraps ``Consumer.on_task_request``: roger jobs pass admit before the pool."""
+
+    def __init__(self, consumer: Any, app: Celery, instance: str) -> None:
+        self.consumer = consumer
+        self.app = app
+        self.store = runtime(app).store
+        self.instance = instance
+        self.hostname = consumer.hostname
+        self.handle = consumer.on_task_request
+        self.admitted: dict[str, Any] = {}
+        self._retry_delay: dict[str, float] = {}
+
+    def __call__(self, request: Any) -> Any:
+        from .task import RogerTask
+
+        if not isinstance(request.task, RogerTask):
+            return self.handle(request)
+        return self.admit(request)
+
+    def admit(self, request: Any) -> Any:
+        ek, qk = job_keys(request.request_dict)
+        job = request.request_dict.get(HEADER)
+        queue = job.get("q") if isinstance(job, dict) else None
+        info = {
+            "job": request.id, "task": request.name, "instance": self.instance,
+            "worker": self.hostname, "pid": os.getpid(), "ek": ek, "qk": qk,
+            "queue": queue or request.delivery_info.get("routing_key") or "",
+            "admitted_at": time.time(),
+        }
+        try:
+            admission = self.store.admit(
+                request.id, instance=self.instance, execution_key=ek, info=info,
+                message=capture(request.message) if ek else {},
+            )
+        except RedisError as exc:
+            return self._admit_later(request, exc)
+        self._retry_delay.pop(request.id, None)
+        if admission.outcome == "run":
+            request._roger_pool = self.consumer.pool
+            self.admitted[request.id] = request
+            return self.handle(request)
+        logger.info(
+            "Parked job %s[%s]: execution key %r is held by %s (position %d)",
+            request.name, request.id, ek, admission.holder, admission.position,
+        )
+        worker_state.task_ready(request)
+        request.acknowledge()
+        return None
+
+    def _admit_later(self, request: Any, exc: Exception) -> None:
+        """Redis is unreachable: keep the job (unacked) and try admitting it again."""
+        delay = min(self._retry_delay.get(request.id, 0.5) * 2, 10.0)
+        self._retry_delay[request.id] = delay
+        logger.error(
+            "Cannot admit job %s[%s] (Redis: %s); trying again in %.0fs",
+            request.name, request.id, exc, delay,
+        )
+        self.consumer.timer.call_after(delay, self.admit, (request,))
+
+    def forget_done(self) -> None:
+        reserved = worker_state.reserved_requests
+        for job_id, request in list(self.admitted.items()):
+            if request not in reserved:
+                del self.admitted[job_id]
+
+
+class WorkerLease(threading.Thread):
+    """Renews this worker's lease and heals what dead workers left (main process)."""
+
+    def __init__(self, app: Celery, admission: Admission) -> None:
+        super().__init__(name="roger-lease", daemon=True)
+        self.app = app
+        self.admission = admission
+        self.store = admission.store
+        self.instance = admission.instance
+        self.stopping = threading.Event()
+        self.lease = self.store.settings.lease_seconds
+        # Stop this worker's jobs this long before its lease could run out.
+        self.safety = max(TICK_SECONDS * 2, min(5.0, self.lease / 3))
+        self.last_renewed = time.monotonic()
+        self.lease_lost = False
+
+    def run(self) -> None:
+        while not self.stopping.wait(TICK_SECONDS):
+            self.tick()
+
+    def tick(self, *, deregister: bool = False) -> None:
+        sent = time.monotonic()
+        try:
+            result = self.store.tick(self.instance, deregister=deregister)
+        except RedisError as exc:
+            self.admission.forget_done()
+            if sent - self.last_renewed > self.lease - self.safety and not self.lease_lost:
+                self._lose_lease(exc)
+            else:
+                logger.warning("roger: cannot renew this worker's lease: %s", exc)
+            return
+        self.last_renewed = sent
+        self.lease_lost = False
+        self.admission.forget_done()
+        for info in result.orphans:
+            logger.warning(
+                "Job %s was running on %s, whose lease expired: releasing its keys",
+                info.get("job"), info.get("worker"),
+            )
+            _finish_quietly(self.app, str(info.get("job")), _key(info.get("ek")),
+                            _key(info.get("qk")))
+        for promotion in result.republish:
+            hand_off(self.app, promotion)
+        for queue_key in result.freed_queue_keys:
+            logger.warning("Freed queue key %r: its publisher never confirmed the job", queue_key)
+
+    def _lose_lease(self, exc: Exception) -> None:
+        self.lease_lost = True
+        logger.error(
+            "roger: lease not renewed for %.0fs (Redis: %s); stopping this worker's roger jobs",
+            time.monotonic() - self.last_renewed, exc,
+        )
+        for request in list(self.admission.admitted.values()):
+            request._roger_lease_lost = True
+            if request._roger_started:
+                _kill(request)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+
+class RogerConsumerStep(bootsteps.StartStopStep):
+    """Installs admission and starts the lease thread before the worker consumes."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.lease: WorkerLease | None = None
+
+    def start(self, c: Any) -> None:
+        if not isinstance(c.on_task_request, Admission):
+            instance = f"{c.hostname}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+            c.on_task_request = Admission(c, c.app, instance)
+            c.update_strategies()
+        if self.lease is None:
+            self.lease = WorkerLease(c.app, c.on_task_request)
+            self.lease.tick()
+            self.lease.start()
+            _leases.append(self.lease)
+
+    def shutdown(self, c: Any) -> None:
+        if self.lease is not None:
+            self.lease.stop()
+
+
+_leases: list[WorkerLease] = []
+
+
+@signals.worker_shutdown.connect(weak=False, dispatch_uid="celery_roger.worker_shutdown")
+def _deregister(**_: Any) -> None:
+    """The pool has stopped: give back what this worker holds, without waiting a lease."""
+    while _leases:
+        lease = _leases.pop()
+        lease.stop()
+        for request in list(lease.admission.admitted.values()):
+            if not request._roger_started:
+                # Never started: its message goes back to the broker, so it keeps its
+                # queue key; only its execution key is handed on.
+                _finish_quietly(lease.app, request.id, job_keys(request.request_dict)[0], "")
+        lease.tick(deregister=True)
+
+
+@signals.task_postrun.connect(weak=False, dispatch_uid="celery_roger.task_postrun")
+def _attempt_ended(sender: Any = None, task_id: str = "", **_: Any) -> None:
+    """The attempt ended in the job's process: result stored; release keys, promote."""
+    from .task import RogerTask
+
+    if not isinstance(sender, RogerTask) or sender.request.is_eager:
+        return
+    ek, qk = job_keys(sender.request)
+    _finish_quietly(sender.app, task_id, ek, qk)
+
+
+@signals.task_revoked.connect(weak=False, dispatch_uid="celery_roger.task_revoked")
+def _revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
+    """Celery revoked the job (revoke, terminate, expires): free what it holds."""
+    from .task import RogerTask
+
+    if not isinstance(sender, RogerTask) or request is None:
+        return
+    ek, qk = job_keys(request)
+    _finish_quietly(sender.app, request.id, ek, qk)
+
+
+@signals.worker_process_init.connect(weak=False, dispatch_uid="celery_roger.process_init")
+def _die_with_parent(**_: Any) -> None:
+    """A pool process must not outlive its worker: its keys are freed when the worker dies."""
+    if os.uname().sysname == "Linux":
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            logger.debug("prctl(PR_SET_PDEATHSIG) unavailable")
+
+
+def install_worker_parts(app: Celery) -> None:
+    """Register the consumer bootstep on ``app`` (signal receivers are global)."""
+    app.steps["consumer"].add(RogerConsumerStep)
+
+
+__all__ = ["RogerConsumerStep", "RogerRequest", "finish_job", "hand_off", "install_worker_parts"]
