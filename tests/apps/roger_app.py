@@ -15,6 +15,8 @@ URL = os.environ.get("ROGER_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 app = Celery("roger_app", broker=URL, backend=URL)
 app.conf.update(
+    roger_redis_url=os.environ.get("ROGER_TEST_STATE_URL") or URL,
+    roger_publish_grace_seconds=float(os.environ.get("ROGER_TEST_GRACE", "60")),
     roger_partition=os.environ.get("ROGER_TEST_PARTITION", "test"),
     roger_lease_seconds=float(os.environ.get("ROGER_TEST_LEASE", "30")),
     task_default_queue=os.environ.get("ROGER_TEST_QUEUE", "roger-test"),
@@ -52,6 +54,16 @@ def square(run: str, n: int) -> int:
 def serial(run: str, name: str, duration: float = 0.0) -> str:
     """Every job of one run shares an execution key computed from the arguments."""
     return step(run, name, duration)
+
+
+@app.task(base=RogerTask, bind=True)
+def describe(self, run: str, name: str) -> None:
+    """Record the delivery options this job ran with."""
+    req = self.request
+    record(run, "describe", name=name, custom=(req.headers or {}).get("custom"),
+           timelimit=list(req.timelimit or ()), expires=str(req.expires),
+           priority=(req.delivery_info or {}).get("priority"),
+           routing_key=(req.delivery_info or {}).get("routing_key"))
 
 
 @app.task

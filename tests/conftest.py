@@ -1,0 +1,98 @@
+"""Shared fixtures: a private Redis, the test app, real workers, and the run's timeline."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from celery_roger.testing import RedisServer, WorkerProcess
+
+APPS = Path(__file__).parent / "apps"
+
+
+@pytest.fixture(scope="session")
+def redis_url(roger_redis: RedisServer) -> str:
+    return roger_redis.url
+
+
+@pytest.fixture(scope="session")
+def r(redis_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_url)
+
+
+@pytest.fixture(scope="session")
+def app_module(redis_url: str) -> Any:
+    """tests/apps/roger_app, imported against the private Redis."""
+    os.environ["ROGER_TEST_REDIS_URL"] = redis_url
+    sys.path.insert(0, str(APPS))
+    return importlib.import_module("roger_app")
+
+
+@pytest.fixture
+def run(app_module: Any) -> Iterator[str]:
+    """A unique id for this test: its keys, its timeline and its own queue."""
+    run_id = uuid.uuid4().hex[:10]
+    app_module.app.conf.task_default_queue = f"q-{run_id}"
+    yield run_id
+    app_module.app.conf.task_default_queue = "roger-test"
+
+
+@pytest.fixture
+def worker(roger_worker_factory: Callable[..., WorkerProcess], redis_url: str,
+           run: str) -> Callable[..., WorkerProcess]:
+    """``worker(pool=..., concurrency=..., env=...)`` starts a real worker on this run's queue."""
+
+    def start(**options: Any) -> WorkerProcess:
+        env = {"ROGER_TEST_REDIS_URL": redis_url, "ROGER_TEST_QUEUE": f"q-{run}",
+               "PYTHONPATH": os.pathsep.join([str(APPS), os.environ.get("PYTHONPATH", "")]),
+               **options.pop("env", {})}
+        options.setdefault("queues", [f"q-{run}"])
+        return roger_worker_factory("roger_app", cwd=str(APPS), env=env, **options)
+
+    return start
+
+
+def timeline(r: redis.Redis, run: str) -> list[dict[str, Any]]:
+    return [json.loads(e) for e in r.lrange(f"timeline:{run}", 0, -1)]
+
+
+def wait_until(predicate: Callable[[], Any], *, timeout: float, what: str,
+               interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def events(r: redis.Redis, run: str, event: str) -> list[dict[str, Any]]:
+    return [e for e in timeline(r, run) if e["event"] == event]
+
+
+def assert_serial(entries: list[dict[str, Any]]) -> list[str]:
+    """Starts and stops strictly alternate (never two running); returns the start order."""
+    running = None
+    order = []
+    for e in entries:
+        if e["event"] == "start":
+            assert running is None, f"{e['name']} started while {running} was running: {entries}"
+            running = e["name"]
+            order.append(e["name"])
+        elif e["event"] == "stop":
+            assert running == e["name"], f"unexpected stop of {e['name']}: {entries}"
+            running = None
+    return order
