@@ -25,6 +25,11 @@ app.conf.update(
     result_expires=600,
 )
 
+if os.environ.get("ROGER_TEST_BEAT"):
+    app.conf.beat_schedule = {
+        "nightly": {"task": "roger_app.nightly", "schedule": 0.2},
+    }
+
 timeline = redis.Redis.from_url(URL)
 
 
@@ -64,6 +69,12 @@ def describe(self, run: str, name: str) -> None:
            timelimit=list(req.timelimit or ()), expires=str(req.expires),
            priority=(req.delivery_info or {}).get("priority"),
            routing_key=(req.delivery_info or {}).get("routing_key"))
+
+
+@app.task(base=RogerTask, queue_key="nightly-report", on_duplicate="existing")
+def nightly() -> str:
+    """Sent by celery beat every tick; only one may be pending."""
+    return "report"
 
 
 @app.task
