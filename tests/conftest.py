@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import os
@@ -31,11 +32,15 @@ def r(redis_url: str) -> redis.Redis:
 
 
 @pytest.fixture(scope="session")
-def app_module(redis_url: str) -> Any:
+def app_module(redis_url: str) -> Iterator[Any]:
     """tests/apps/roger_app, imported against the private Redis."""
     os.environ["ROGER_TEST_REDIS_URL"] = redis_url
     sys.path.insert(0, str(APPS))
-    return importlib.import_module("roger_app")
+    module = importlib.import_module("roger_app")
+    yield module
+    # Let pending AsyncResults unsubscribe while the session's Redis still runs.
+    gc.collect()
+    module.app.close()
 
 
 @pytest.fixture
