@@ -88,9 +88,10 @@ def test_options_survive_parking_and_promotion(app_module, run, r, worker):
     assert events(r, run, "stop")[0]["t"] <= seen["t"], "the parked job ran after the holder"
 
 
-def test_both_keys_on_one_job(app_module, run, r, worker):
+@pytest.mark.parametrize("pool", POOLS)
+def test_both_keys_on_one_job(app_module, run, r, worker, pool):
     """Roger crashes on this; here the parked job keeps its queue key until it has run."""
-    worker()
+    worker(pool=pool)
     store = runtime(app_module.app).store
     ekey, qkey = f"{run}:e", f"{run}:q"
     app_module.step.apply_async((run, "holder", 1.5), execution_key=ekey)
@@ -106,10 +107,11 @@ def test_both_keys_on_one_job(app_module, run, r, worker):
     assert_serial(timeline(r, run))
 
 
-def test_sigkilled_holders_key_frees_within_the_lease(app_module, run, r, worker):
+@pytest.mark.parametrize("pool", POOLS)
+def test_sigkilled_holders_key_frees_within_the_lease(app_module, run, r, worker, pool):
     lease = 3
     env = {"ROGER_TEST_LEASE": str(lease)}
-    doomed = worker(env=env)
+    doomed = worker(env=env, pool=pool)
     key = f"{run}:k"
     app_module.step.apply_async((run, "holder", 60), execution_key=key)
     holder_pid = wait_until(lambda: events(r, run, "start"), timeout=20,

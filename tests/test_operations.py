@@ -67,3 +67,20 @@ def test_warm_shutdown_ends_the_workers_lease(app_module, run, r, worker):
     assert len(mine) == 1, instances
     w.stop()
     assert r.zscore(store.k_workers, mine[0]) in (None, 0.0), "lease must end at shutdown"
+
+
+def test_parked_job_that_expired_hands_its_key_on(app_module, run, r, worker):
+    """Celery discards an expired job at receipt; its turn passes to the next in line."""
+    worker()
+    store = runtime(app_module.app).store
+    key = f"{run}:k"
+    app_module.step.apply_async((run, "holder", 2.0), execution_key=key)
+    wait_until(lambda: events(r, run, "start"), timeout=20, what="the holder to start")
+    expired = app_module.step.apply_async((run, "expired"), execution_key=key, expires=1,
+                                          queue_key=f"{run}:q")
+    last = app_module.step.apply_async((run, "last"), execution_key=key)
+    wait_until(lambda: len(store.parked_ids(key)) == 2, timeout=10, what="parking")
+    assert last.get(timeout=30) == "last"
+    assert expired.state == "REVOKED"
+    assert [e["name"] for e in events(r, run, "start")] == ["holder", "last"]
+    assert store.queue_key_holder(f"{run}:q") is None
