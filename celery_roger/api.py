@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import logging
-
 from celery import Celery
 
-from .publish import HEADER
 from .runtime import install, runtime
-from .worker import finish_job, hand_off, job_keys
-
-logger = logging.getLogger("celery_roger")
+from .worker import finish_job, hand_off, job_header, job_keys
 
 KEY_KINDS = ("queue", "execution")
 
@@ -54,8 +49,7 @@ class Roger:
             raise ValueError(f"queue must be a non-empty str, got {queue!r}")
         removed = 0
         for job_id, message in list(self.store.parked_messages()):
-            job = message.get("headers", {}).get(HEADER) or {}
-            if job.get("q") != queue:
+            if job_header(message.get("headers", {})).get("q") != queue:
                 continue
             ek, qk = job_keys(message["headers"])
             if self.store.drop_parked(job_id, execution_key=ek, queue_key=qk):

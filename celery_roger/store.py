@@ -182,9 +182,6 @@ class Store:
     def parked_ids(self, execution_key: str) -> list[str]:
         return [_text(j) for j in self.redis.lrange(self.parked_key(execution_key), 0, -1)]
 
-    def running(self) -> dict[str, dict[str, Any]]:
-        return {_text(k): json.loads(v) for k, v in self.redis.hgetall(self.k_running).items()}
-
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)

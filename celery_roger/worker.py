@@ -39,11 +39,15 @@ logger = logging.getLogger("celery_roger")
 TICK_SECONDS = 1.0
 
 
+def job_header(request: Any) -> dict[str, Any]:
+    """The ``roger`` header of a request dict, Context or message headers ({} if absent)."""
+    job = request.get(HEADER) if isinstance(request, dict) else getattr(request, HEADER, None)
+    return job if isinstance(job, dict) else {}
+
+
 def job_keys(request: Any) -> tuple[str, str]:
     """(execution key, queue key) a job was published with; '' for none."""
-    job = getattr(request, HEADER, None) if not isinstance(request, dict) else request.get(HEADER)
-    if not isinstance(job, dict):
-        return "", ""
+    job = job_header(request)
     return _key(job.get("ek")), _key(job.get("qk"))
 
 
@@ -148,12 +152,12 @@ class Admission:
 
     def admit(self, request: Any) -> Any:
         ek, qk = job_keys(request.request_dict)
-        job = request.request_dict.get(HEADER)
-        queue = job.get("q") if isinstance(job, dict) else None
+        queue = job_header(request.request_dict).get("q")
         info = {
             "job": request.id, "task": request.name, "instance": self.instance,
             "worker": self.hostname, "pid": os.getpid(), "ek": ek, "qk": qk,
-            "queue": queue or request.delivery_info.get("routing_key") or "",
+            "queue": queue if isinstance(queue, str) and queue
+            else request.delivery_info.get("routing_key") or "",
             "admitted_at": time.time(),
         }
         try:
