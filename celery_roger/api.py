@@ -49,9 +49,10 @@ class Roger:
             raise ValueError(f"queue must be a non-empty str, got {queue!r}")
         removed = 0
         for job_id, message in list(self.store.parked_messages()):
-            if job_header(message.get("headers", {})).get("q") != queue:
+            headers = message.get("headers") or {}
+            if job_header(headers).get("q") != queue:
                 continue
-            ek, qk = job_keys(message["headers"])
+            ek, qk = job_keys(headers)
             if self.store.drop_parked(job_id, execution_key=ek, queue_key=qk):
                 removed += 1
         with self.app.connection_for_write() as conn:
