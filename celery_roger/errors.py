@@ -28,3 +28,31 @@ class DuplicateJob(RogerError):
 
     def __reduce__(self):  # keep the attributes across pickling (result backends, pools)
         return (type(self), (self.queue_key, self.existing_id, self.task_name))
+
+
+class RetryableError(RogerError):
+    """Raise from a RogerTask to ask for a retry, after ``retry_after`` seconds if given.
+
+    It counts as a step of the retry sequence (the job is buried once the sequence is
+    exhausted), and it works whether or not the task is ``retryable``.
+    """
+
+    def __init__(self, message: str = "", retry_after: float | None = None) -> None:
+        if retry_after is not None and (
+            isinstance(retry_after, bool) or not isinstance(retry_after, (int, float))
+            or retry_after < 0
+        ):
+            raise ValueError(f"retry_after must be a number of seconds >= 0, got {retry_after!r}")
+        self.retry_after = retry_after
+        super().__init__(message or "retry requested")
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.retry_after))
+
+
+class JobTimeout(RogerError):
+    """The job ran longer than its ``max_execution_time`` and was stopped."""
+
+
+class WorkerCrashed(RogerError):
+    """The process running the job died (SIGKILL, OOM, a crash) before the job ended."""

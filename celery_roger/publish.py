@@ -13,11 +13,11 @@ from celery import Celery
 from celery.utils import uuid
 
 from .errors import DuplicateJob
+from .job import HEADER
 from .runtime import runtime
 
 logger = logging.getLogger("celery_roger")
 
-HEADER = "roger"
 UNSET: Any = type("Unset", (), {"__repr__": lambda self: "UNSET"})()
 ON_DUPLICATE = ("raise", "existing")
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from celery import Celery
 
+from .callbacks import Callbacks, resolve
 from .config import Settings
 from .store import Store
 
@@ -23,6 +24,7 @@ class Runtime:
         self.app = app
         self._settings: Settings | None = None
         self._store: Store | None = None
+        self._callbacks: Callbacks | None = None
         self.original_send_task: Callable | None = None
 
     @property
@@ -38,6 +40,14 @@ class Runtime:
                 if self._store is None:
                     self._store = Store(self.settings)
         return self._store
+
+
+    @property
+    def callbacks(self) -> Callbacks:
+        """The ``roger_callbacks`` objects, imported on first use."""
+        if self._callbacks is None:
+            self._callbacks = Callbacks(self.settings.partition, resolve(self.settings.callbacks))
+        return self._callbacks
 
 
 def runtime(app: Celery) -> Runtime:

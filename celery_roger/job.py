@@ -1,0 +1,97 @@
+"""``Job`` and ``BuriedJob``: roger's read-only view of a job."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+#: The message header roger adds at publish: {"q": queue, "at": publish time, "qk": queue
+#: key, "ek": execution key, "rc": retry count}.
+HEADER = "roger"
+
+
+def job_header(request: Any) -> dict[str, Any]:
+    """The ``roger`` header of a request dict, Context or message headers ({} if absent)."""
+    job = request.get(HEADER) if isinstance(request, dict) else getattr(request, HEADER, None)
+    return job if isinstance(job, dict) else {}
+
+
+def _key(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _number(value: Any, default: float = 0.0) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else default
+
+
+@dataclass(frozen=True)
+class Job:
+    """What callbacks and inspection see of a job. Times are Unix timestamps (seconds)."""
+
+    id: str
+    task: str
+    args: tuple = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    queue: str = ""
+    queue_key: str | None = None
+    execution_key: str | None = None
+    retry_count: int = 0
+    queued_at: float = 0.0
+    started_at: float = 0.0
+
+    @classmethod
+    def from_header(cls, job_id: str, task: str, args: Any, kwargs: Any,
+                    header: dict[str, Any], *, queue: str = "",
+                    started_at: float | None = None) -> Job:
+        q = header.get("q")
+        return cls(
+            id=job_id, task=task, args=tuple(args or ()), kwargs=dict(kwargs or {}),
+            queue=q if isinstance(q, str) and q else queue,
+            queue_key=_key(header.get("qk")), execution_key=_key(header.get("ek")),
+            retry_count=int(_number(header.get("rc"))), queued_at=_number(header.get("at")),
+            started_at=time.time() if started_at is None else started_at,
+        )
+
+    @classmethod
+    def from_request(cls, request: Any, *, started_at: float | None = None) -> Job:
+        """From a task's ``self.request`` (job process) or a worker ``Request`` (main)."""
+        delivery = getattr(request, "delivery_info", None) or {}
+        headers = getattr(request, "request_dict", None)
+        return cls.from_header(
+            str(request.id), str(getattr(request, "name", None) or getattr(request, "task", "")),
+            request.args, request.kwargs,
+            job_header(headers if isinstance(headers, dict) else request),
+            queue=str(delivery.get("routing_key") or ""), started_at=started_at,
+        )
+
+
+@dataclass(frozen=True)
+class BuriedJob:
+    """A job that exhausted its retries. ``error`` is ``"Type: message"``."""
+
+    id: str
+    task: str
+    args: tuple
+    kwargs: dict[str, Any]
+    queue: str
+    queue_key: str | None
+    execution_key: str | None
+    retry_count: int
+    error: str
+    traceback: str | None
+    buried_at: float
+    error_type: str = ""
+
+    @classmethod
+    def from_entry(cls, entry: dict[str, Any]) -> BuriedJob:
+        return cls(
+            id=entry["id"], task=entry["task"], args=tuple(entry.get("args") or ()),
+            kwargs=dict(entry.get("kwargs") or {}), queue=entry.get("queue", ""),
+            queue_key=_key(entry.get("queue_key")),
+            execution_key=_key(entry.get("execution_key")),
+            retry_count=int(entry.get("retry_count", 0)), error=entry.get("error", ""),
+            traceback=entry.get("traceback"), buried_at=float(entry.get("buried_at", 0)),
+            error_type=entry.get("error_type", ""),
+        )
