@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 from celery import Celery
 
+from .failure import send_entry
+from .job import BuriedJob
 from .runtime import install, runtime
 from .worker import finish_job, hand_off, job_header, job_keys
+
+logger = logging.getLogger("celery_roger")
 
 KEY_KINDS = ("queue", "execution")
 
@@ -34,7 +40,7 @@ class Roger:
         if kind == "queue":
             return self.store.release_queue_key(key)
         holder = self.store.execution_key_holder(key)
-        promotion = self.store.finish(holder or "", execution_key=key, force=True)
+        promotion = self.store.finish(holder or "", execution_key=key, force=True).promotion
         if promotion is not None:
             hand_off(self.app, promotion)
         return holder
@@ -45,8 +51,7 @@ class Roger:
         The queue keys (and handed-over execution keys) of the removed jobs are released.
         Running jobs are not touched.
         """
-        if not isinstance(queue, str) or not queue:
-            raise ValueError(f"queue must be a non-empty str, got {queue!r}")
+        _check_queue(queue)
         removed = 0
         for job_id, message in list(self.store.parked_messages()):
             headers = message.get("headers") or {}
@@ -68,7 +73,79 @@ class Roger:
                     finish_job(self.app, str(headers["id"]), execution_key=ek, queue_key=qk)
         return removed
 
+    # -- the buried queue -----------------------------------------------------------------
+
+    def buried(self, queue: str | None = None, limit: int = 100,
+               offset: int = 0) -> list[BuriedJob]:
+        """Buried jobs, newest first: of one queue, or of every queue."""
+        if queue is not None:
+            _check_queue(queue)
+        for name, value in (("limit", limit), ("offset", offset)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if limit == 0:
+            return []
+        return [BuriedJob.from_entry(e) for e in self.store.buried(queue, offset, limit)]
+
+    def buried_dropped(self) -> dict[str, int]:
+        """Per queue, how many buried jobs were dropped to respect ``roger_buried_max``."""
+        return self.store.buried_dropped()
+
+    def requeue_buried(self, job_id: str | None = None, *, queue: str | None = None,
+                       all: bool = False) -> int:
+        """Publish buried jobs again (same id, retry count 0); returns how many.
+
+        ``requeue_buried(job_id)`` or ``requeue_buried(queue=..., all=True)``. A job whose
+        queue key is held by another job stays buried and is not counted.
+        """
+        if job_id is not None:
+            if queue is not None or all:
+                raise ValueError("give either a job id, or queue=... with all=True")
+            if not isinstance(job_id, str) or not job_id:
+                raise ValueError(f"job_id must be a non-empty str, got {job_id!r}")
+            return int(self._requeue(job_id))
+        if queue is None or not all:
+            raise ValueError("give a job id, or queue=... with all=True")
+        _check_queue(queue)
+        return sum(self._requeue(job) for job in reversed(self.store.buried_ids(queue)))
+
+    def _requeue(self, job_id: str) -> bool:
+        outcome, value = self.store.requeue_take(job_id)
+        if outcome == "missing":
+            return False
+        if outcome == "held":
+            logger.warning("Buried job %s stays buried: its queue key is held by job %s",
+                           job_id, value)
+            return False
+        queue_key = value.get("queue_key") or ""
+        try:
+            # Its FAILURE result is forgotten: the job is pending again.
+            self.app.AsyncResult(job_id).forget()
+        except Exception:
+            logger.debug("could not forget the result of %s", job_id, exc_info=True)
+        try:
+            send_entry(self.app, value["publish"], retry_count=0)
+        except BaseException:
+            if queue_key:
+                self.store.release_queue_key(queue_key, job_id)
+            raise
+        self.store.unbury(job_id, value.get("queue", ""), queue_key)
+        logger.info("Requeued buried job %s[%s]", value.get("task"), job_id)
+        return True
+
+    def purge_buried(self, queue: str | None = None) -> int:
+        """Delete the buried jobs of ``queue`` (of every queue when None); returns how many."""
+        if queue is not None:
+            _check_queue(queue)
+        queues = [queue] if queue is not None else self.store.buried_queues()
+        return sum(self.store.purge_buried(q) for q in queues)
+
     def __repr__(self) -> str:
         return f"<Roger partition={self.partition!r}>"
 
 
+
+
+def _check_queue(queue: object) -> None:
+    if not isinstance(queue, str) or not queue:
+        raise ValueError(f"queue must be a non-empty str, got {queue!r}")

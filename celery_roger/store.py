@@ -15,13 +15,15 @@ from importlib import resources
 from typing import Any
 
 import redis
+from kombu.utils import json as kombu_json
 
 from .config import Settings, redact_url
 
 logger = logging.getLogger("celery_roger")
 
 _SCRIPTS = ("take_queue_key", "confirm_queue_key", "release_queue_key", "admit", "finish",
-            "tick", "drop_parked")
+            "tick", "drop_parked", "schedule_retry", "confirm_retries", "bury", "requeue_take",
+            "unbury", "purge_buried")
 
 
 def _load_scripts() -> dict[str, str]:
@@ -39,6 +41,9 @@ class Admission:
     outcome: str
     position: int = 0
     holder: str = ""
+    #: A redelivered job's earlier attempt, recorded under another worker instance.
+    previous: dict[str, Any] | None = None
+    previous_alive: bool = False
 
 
 @dataclass(frozen=True)
@@ -50,10 +55,30 @@ class Promotion:
 
 
 @dataclass(frozen=True)
+class Finish:
+    """What finish did: ``was_running`` is true for exactly one caller per attempt."""
+
+    was_running: bool
+    promotion: Promotion | None
+
+
+@dataclass(frozen=True)
+class DueRetry:
+    """A retry whose time has come: publish ``entry``, then confirm it with ``score``."""
+
+    job_id: str
+    entry: dict[str, Any]
+    score: str
+
+
+@dataclass(frozen=True)
 class TickResult:
     orphans: list[dict[str, Any]]
     republish: list[Promotion]
     freed_queue_keys: list[str]
+    due_retries: list[DueRetry]
+    #: Seconds until the next waiting retry is due; None when none waits.
+    next_retry_in: float | None
 
 
 class Store:
@@ -77,12 +102,18 @@ class Store:
         self.k_workers, self.k_running, self.k_held = k + "workers", k + "running", k + "held"
         self.k_msg, self.k_promoting = k + "msg", k + "promoting"
         self.k_qkeys, self.k_qk_pending = k + "qkeys", k + "qk_pending"
+        self.k_retry, self.k_retry_msg = k + "retry", k + "retry_msg"
+        self.k_buried, self.k_buried_msg = k + "buried", k + "buried_msg"
+        self.k_buried_dropped, self.k_buried_queues = k + "buried_dropped", k + "buried_queues"
 
     def __repr__(self) -> str:
         return f"<Store {redact_url(self.settings.redis_url)} partition={self.partition!r}>"
 
     def parked_key(self, execution_key: str) -> str:
         return f"{self.prefix}parked:{execution_key}"
+
+    def buried_key(self, queue: str) -> str:
+        return f"{self.prefix}buried:{queue}"
 
     # -- publish ---------------------------------------------------------------------
 
@@ -122,29 +153,40 @@ class Store:
         outcome = _text(reply[0])
         if outcome == "parked":
             return Admission("parked", int(reply[1]), _text(reply[2]))
+        if len(reply) > 1:
+            return Admission(outcome, previous=json.loads(reply[1]),
+                             previous_alive=bool(int(reply[2])))
         return Admission(outcome)
+
+    def instance_alive(self, instance: str) -> bool:
+        """Whether a worker instance's lease still lasts."""
+        lease = self.redis.zscore(self.k_workers, instance)
+        return lease is not None and lease > self.redis_time_ms()
+
+    def redis_time_ms(self) -> float:
+        seconds, micros = self.redis.time()
+        return seconds * 1000 + micros / 1000
 
     def finish(
         self, job_id: str, *, execution_key: str = "", queue_key: str = "", force: bool = False
-    ) -> Promotion | None:
-        """End a job's attempt; returns the parked job that now holds the key, if any."""
+    ) -> Finish:
+        """End a job's attempt: whether it was running, and the parked job promoted."""
         reply = self._scripts["finish"](
             keys=[self.k_running, self.k_held, self.k_msg, self.k_promoting, self.k_qkeys,
                   self.k_qk_pending, self.parked_key(execution_key)],
             args=[job_id, execution_key, queue_key, self.grace_ms, "1" if force else "0"],
         )
-        if not reply:
-            return None
-        return Promotion(_text(reply[0]), json.loads(reply[1]))
+        promotion = Promotion(_text(reply[1]), json.loads(reply[2])) if len(reply) > 1 else None
+        return Finish(bool(int(reply[0])), promotion)
 
     def confirm_promoted(self, job_id: str) -> None:
         """The promoted job's message is in the broker: it no longer needs republishing."""
         self.redis.zrem(self.k_promoting, job_id)
 
     def tick(self, instance: str = "", *, deregister: bool = False) -> TickResult:
-        orphans, republish, freed = self._scripts["tick"](
+        orphans, republish, freed, due, next_due = self._scripts["tick"](
             keys=[self.k_workers, self.k_running, self.k_promoting, self.k_msg, self.k_qkeys,
-                  self.k_qk_pending],
+                  self.k_qk_pending, self.k_retry, self.k_retry_msg],
             args=[instance, self.lease_ms, self.grace_ms, "1" if deregister else "0"],
         )
         return TickResult(
@@ -154,7 +196,87 @@ class Store:
                 for i in range(0, len(republish), 2)
             ],
             freed_queue_keys=[_text(k) for k in freed],
+            due_retries=[
+                DueRetry(_text(due[i]), loads(due[i + 1]), _text(due[i + 2]))
+                for i in range(0, len(due), 3)
+            ],
+            next_retry_in=None if int(next_due) < 0 else int(next_due) / 1000,
         )
+
+    # -- retries and the buried queue -------------------------------------------------
+
+    def schedule_retry(self, job_id: str, delay: float, entry: dict[str, Any]) -> None:
+        self._scripts["schedule_retry"](
+            keys=[self.k_retry, self.k_retry_msg],
+            args=[job_id, int(delay * 1000), dumps(entry)],
+        )
+
+    def confirm_retries(self, published: list[DueRetry]) -> None:
+        if published:
+            self._scripts["confirm_retries"](
+                keys=[self.k_retry, self.k_retry_msg],
+                args=[x for due in published for x in (due.job_id, due.score)],
+            )
+
+    def retry_due_at(self, job_id: str) -> float | None:
+        """When a waiting retry of ``job_id`` is due (Unix seconds), or None."""
+        score = self.redis.zscore(self.k_retry, job_id)
+        return None if score is None else score / 1000
+
+    def bury(self, job_id: str, queue: str, entry: dict[str, Any]) -> list[str]:
+        """Keep a buried job's entry; returns the ids dropped to respect the cap."""
+        dropped = self._scripts["bury"](
+            keys=[self.k_buried, self.buried_key(queue), self.k_buried_msg,
+                  self.k_buried_dropped, self.k_buried_queues],
+            args=[job_id, dumps(entry), self.settings.buried_max, queue],
+        )
+        return [_text(d) for d in dropped]
+
+    def buried(self, queue: str | None, offset: int, limit: int) -> list[dict[str, Any]]:
+        """Buried entries, newest first."""
+        zset = self.k_buried if queue is None else self.buried_key(queue)
+        ids: list[Any] = list(self.redis.zrevrange(zset, offset, offset + limit - 1))
+        if not ids:
+            return []
+        return [loads(raw) for raw in self.redis.hmget(self.k_buried_msg, ids) if raw]
+
+    def buried_ids(self, queue: str) -> list[str]:
+        return [_text(j) for j in self.redis.zrevrange(self.buried_key(queue), 0, -1)]
+
+    def buried_entry(self, job_id: str) -> dict[str, Any] | None:
+        raw = self.redis.hget(self.k_buried_msg, job_id)
+        return None if raw is None else loads(raw)
+
+    def buried_dropped(self) -> dict[str, int]:
+        return {_text(q): int(n) for q, n in self.redis.hgetall(self.k_buried_dropped).items()}
+
+    def buried_queues(self) -> list[str]:
+        return sorted(_text(q) for q in self.redis.smembers(self.k_buried_queues))
+
+    def requeue_take(self, job_id: str) -> tuple[str, Any]:
+        """('missing', None), ('held', holder id) or ('ok', entry)."""
+        reply = self._scripts["requeue_take"](
+            keys=[self.k_buried_msg, self.k_qkeys, self.k_qk_pending],
+            args=[job_id, self.grace_ms],
+        )
+        outcome = _text(reply[0])
+        if outcome == "ok":
+            return outcome, loads(reply[1])
+        return outcome, _text(reply[1]) if len(reply) > 1 else None
+
+    def unbury(self, job_id: str, queue: str, queue_key: str = "") -> bool:
+        return bool(self._scripts["unbury"](
+            keys=[self.k_buried, self.buried_key(queue), self.k_buried_msg, self.k_qkeys,
+                  self.k_qk_pending],
+            args=[job_id, queue_key],
+        ))
+
+    def purge_buried(self, queue: str) -> int:
+        return int(self._scripts["purge_buried"](
+            keys=[self.k_buried, self.buried_key(queue), self.k_buried_msg,
+                  self.k_buried_queues],
+            args=[queue],
+        ))
 
     # -- operator actions ------------------------------------------------------------
 
@@ -189,3 +311,12 @@ def _text(value: Any) -> str:
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
+
+
+def dumps(value: Any) -> str:
+    """JSON for entries holding job arguments (kombu's encoder: dates, UUIDs, decimals)."""
+    return kombu_json.dumps(value)
+
+
+def loads(raw: Any) -> Any:
+    return kombu_json.loads(raw)

@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from celery import Celery, Task
+from celery.exceptions import Ignore, Reject, Retry
 
 from . import keys
+from .config import retry_levels
+from .errors import ConfigurationError, JobTimeout
+from .failure import Decision, format_traceback, record
+from .job import Job
 from .publish import UNSET
-from .runtime import install
+from .runtime import install, runtime
+
+
+@dataclass
+class Attempt:
+    """One attempt of a job in its own process: what the end-of-attempt hook needs."""
+
+    job: Job
+    states: list[Any] = field(default_factory=list)
+    decision: Decision | None = None
+    error: BaseException | None = None
+    traceback: str | None = None
+    timed_out: bool = False
 
 
 class RogerTask(Task):
@@ -25,6 +44,12 @@ class RogerTask(Task):
     #: What publishing a job whose queue key is held does: "raise" DuplicateJob, or
     #: return the "existing" job's AsyncResult (use it for tasks sent by celery beat).
     on_duplicate: ClassVar[str] = "raise"
+    #: Retry on any failure (exception, timeout, crash) along ``retry_levels``.
+    retryable: ClassVar[bool] = False
+    #: Retry delays in seconds for this task; None = the ``roger_retry_levels`` setting.
+    retry_levels: ClassVar[Any] = None
+    #: Seconds an attempt may run: a hard limit (prefork kills the job), a JobTimeout.
+    max_execution_time: ClassVar[float | None] = None
     acks_late = True
     Request = "celery_roger.worker:RogerRequest"
 
@@ -36,10 +61,59 @@ class RogerTask(Task):
             spec = cls.__dict__.get(kind)
             if callable(spec) and not isinstance(spec, staticmethod):
                 setattr(cls, kind, staticmethod(spec))
+        name = cls.__dict__.get("name") or cls.__name__
+        if cls.__dict__.get("retry_levels") is not None:
+            cls.retry_levels = retry_levels(f"{name}: retry_levels", cls.retry_levels)
+        limit = cls.__dict__.get("max_execution_time")
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0:
+                raise ConfigurationError(
+                    f"{name}: max_execution_time must be a number of seconds > 0, got {limit!r}"
+                )
+            if cls.__dict__.get("time_limit") is None:
+                cls.time_limit = limit
 
     @classmethod
     def on_bound(cls, app: Celery) -> None:
         install(app)
+
+    def roger_retry_levels(self) -> tuple[float, ...]:
+        if self.retry_levels is not None:
+            return tuple(self.retry_levels)
+        return runtime(self._get_app()).settings.retry_levels
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        request = self.request
+        if request.called_directly or request.is_eager:
+            return super().__call__(*args, **kwargs)
+        # A worker attempt: before_run, the body, and roger's failure handling. The
+        # end of the attempt (keys, then after_run / on_error / on_buried) is in the
+        # task_postrun hook, after Celery has stored the result.
+        attempt = request._roger_attempt = Attempt(Job.from_request(request))
+        attempt.states = runtime(self.app).callbacks.before_run(self, attempt.job)
+        try:
+            result = super().__call__(*args, **kwargs)
+        except (Retry, Ignore, Reject):
+            raise  # Celery's own flow (self.retry(), Ignore, Reject) goes on as in Celery
+        except Exception as exc:
+            self._roger_failed(attempt, request, exc, format_traceback(exc))
+            raise
+        limit = self.max_execution_time
+        elapsed = time.time() - attempt.job.started_at
+        if limit is not None and elapsed > limit:
+            # A pool that cannot kill the job (threads, solo) reports the timeout now.
+            timeout = JobTimeout(f"ran {elapsed:.1f}s, over max_execution_time={limit}s")
+            attempt.timed_out = True
+            self._roger_failed(attempt, request, timeout, None)
+            raise timeout
+        return result
+
+    def _roger_failed(self, attempt: Attempt, request: Any, exc: BaseException,
+                      traceback: str | None) -> None:
+        attempt.error, attempt.traceback = exc, traceback
+        attempt.decision = record(self, attempt.job, request, exc, traceback)
+        if attempt.decision.kind == "retry":
+            raise Retry(exc=exc, when=attempt.decision.delay) from exc
 
     def get_queue_key(self, *args: Any, **kwargs: Any) -> str | None:
         return keys.compute(self.queue_key, args, kwargs)

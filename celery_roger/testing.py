@@ -132,6 +132,9 @@ class WorkerProcess:
         assert self.process is not None, "worker not started"
         return self.process.pid
 
+    def is_alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def log(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")

@@ -15,34 +15,40 @@
 
 from __future__ import annotations
 
+import collections
 import ctypes
+import json
 import logging
 import os
 import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
+from billiard.einfo import ExceptionWithTraceback
 from celery import Celery, bootsteps, signals
-from celery.exceptions import WorkerLostError
+from celery import states as states_
+from celery.app.task import Context
+from celery.exceptions import Retry, TimeLimitExceeded, WorkerLostError
+from celery.utils.saferepr import saferepr as safe_repr
 from celery.worker import state as worker_state
 from celery.worker.request import Request
+from celery.worker.state import task_ready
+from kombu.utils import json as kombu_json
 from redis.exceptions import RedisError
 
-from .publish import HEADER, capture, republish
+from .errors import JobTimeout, WorkerCrashed
+from .failure import record, send_entry
+from .job import Job, job_header
+from .publish import capture, republish
 from .runtime import runtime
 from .store import Promotion
 
 logger = logging.getLogger("celery_roger")
 
 TICK_SECONDS = 1.0
-
-
-def job_header(request: Any) -> dict[str, Any]:
-    """The ``roger`` header of a request dict, Context or message headers ({} if absent)."""
-    job = request.get(HEADER) if isinstance(request, dict) else getattr(request, HEADER, None)
-    return job if isinstance(job, dict) else {}
 
 
 def job_keys(request: Any) -> tuple[str, str]:
@@ -70,52 +76,117 @@ def hand_off(app: Celery, promotion: Promotion) -> None:
     logger.info("Promoted job %s: its execution key was handed to it", promotion.job_id)
 
 
-def finish_job(app: Celery, job_id: str, *, execution_key: str, queue_key: str) -> None:
-    """End a job's attempt in roger state and start the next parked job, if any."""
-    promotion = runtime(app).store.finish(
-        job_id, execution_key=execution_key, queue_key=queue_key
-    )
-    if promotion is not None:
-        hand_off(app, promotion)
+def finish_job(app: Celery, job_id: str, *, execution_key: str, queue_key: str) -> bool:
+    """End a job's attempt in roger state and start the next parked job, if any.
+
+    Returns whether the job was recorded as running (true for one caller per attempt).
+    """
+    finished = runtime(app).store.finish(job_id, execution_key=execution_key,
+                                         queue_key=queue_key)
+    if finished.promotion is not None:
+        hand_off(app, finished.promotion)
+    return finished.was_running
 
 
-def _finish_quietly(app: Celery, job_id: str, execution_key: str, queue_key: str) -> None:
+def _finish_quietly(app: Celery, job_id: str, execution_key: str, queue_key: str) -> bool:
     try:
-        finish_job(app, job_id, execution_key=execution_key, queue_key=queue_key)
+        return finish_job(app, job_id, execution_key=execution_key, queue_key=queue_key)
     except Exception:
         logger.exception(
             "could not release the keys of job %s; its worker's lease frees them", job_id
         )
+        return True
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    return exc.exc if isinstance(exc, ExceptionWithTraceback) else exc
 
 
 class RogerRequest(Request):
-    """Main-process ends of an attempt that the job's own process never reports."""
+    """Main-process ends of an attempt that the job's own process never reports.
+
+    A child that died (worker lost) or was killed at the hard time limit: roger records
+    a retry or burial here, releases the keys, and runs ``on_error``/``on_buried`` with
+    ``state=None``. A retry is stored as Celery's ``RETRY`` state, not ``FAILURE``.
+    """
 
     _roger_started = False
+    _roger_started_at = 0.0
     _roger_lease_lost = False
+    _roger_ended = False
+    _roger_retried = False
 
     def on_accepted(self, pid: int, time_accepted: float) -> None:
         super().on_accepted(pid, time_accepted)
         self._roger_started = True
+        self._roger_started_at = time.time()
         if self._roger_lease_lost:
             # The worker lost its lease while this job waited for a pool slot.
             _kill(self)
 
+    def on_retry(self, exc_info: Any) -> None:
+        super().on_retry(exc_info)
+        when = getattr(_unwrap(exc_info.exception), "when", None)
+        if isinstance(when, (int, float)):
+            wake_leases(when)
+
     def on_failure(self, exc_info: Any, send_failed_event: bool = True,
                    return_ok: bool = False) -> None:
-        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
-        exc = getattr(exc_info.exception, "exc", exc_info.exception)
-        if isinstance(exc, (WorkerLostError, SystemExit, KeyboardInterrupt)) and not (
+        exc = _unwrap(exc_info.exception)
+        failure: Exception | None = None
+        if isinstance(exc, TimeLimitExceeded):
+            failure = JobTimeout(f"hard time limit ({exc}s) exceeded")
+        elif isinstance(exc, (WorkerLostError, SystemExit, KeyboardInterrupt)) and not (
             self._already_revoked or self._already_cancelled
         ):
-            ek, qk = job_keys(self.request_dict)
-            _finish_quietly(self.task.app, self.id, ek, qk)
+            failure = WorkerCrashed(str(exc) or type(exc).__name__)
+        if failure is None or self._roger_ended:
+            super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+            return
+        self._roger_ended = True
+        self._roger_end(failure, lambda: super(RogerRequest, self).on_failure(
+            exc_info, send_failed_event=send_failed_event, return_ok=return_ok))
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
-        super().on_timeout(soft, timeout)
-        if not soft:
-            ek, qk = job_keys(self.request_dict)
-            _finish_quietly(self.task.app, self.id, ek, qk)
+        if soft or (self._roger_ended and not self._roger_retried):
+            super().on_timeout(soft, timeout)
+        elif not self._roger_ended:
+            self._roger_ended = True
+            self._roger_end(JobTimeout(f"hard time limit ({timeout}s) exceeded"),
+                            lambda: super(RogerRequest, self).on_timeout(soft, timeout))
+
+    def _roger_end(self, failure: Exception, celery_failure: Callable[[], None]) -> None:
+        app = self.task.app
+        ek, qk = job_keys(self.request_dict)
+        success = getattr(self, "_success_was_stored", None)
+        if isinstance(failure, WorkerCrashed) and success is not None and success():
+            celery_failure()  # the job succeeded before its process died (Celery 5.7)
+            _finish_quietly(app, self.id, ek, qk)
+            return
+        job = Job.from_request(self, started_at=self._roger_started_at or time.time())
+        decision = record(self.task, job, self._roger_context(), failure, None,
+                          headers=dict(self._message.headers or {}))
+        if decision.kind == "retry":
+            self._roger_retried = True
+            task_ready(self)
+            if self.store_errors:
+                self.task.backend.mark_as_retry(self.id, failure, None,
+                                                request=self._roger_context())
+            if self.task.acks_late:
+                self.acknowledge()
+            self.send_event("task-retried", exception=safe_repr(failure), traceback="")
+            wake_leases(decision.delay)
+        else:
+            celery_failure()
+        _finish_quietly(app, self.id, ek, qk)
+        runtime(app).callbacks.emit(self.task, "on_buried" if decision.kind == "bury"
+                                    else "on_error", job, None, error=failure, traceback=None)
+
+    def _roger_context(self) -> Any:
+        context = getattr(self, "_context", None)
+        if context is None:
+            context = Context(self._request_dict, args=self.args, kwargs=self.kwargs)
+        return context
 
 
 def _kill(request: Any) -> None:
@@ -142,6 +213,9 @@ class Admission:
         self.handle = consumer.on_task_request
         self.admitted: dict[str, Any] = {}
         self._retry_delay: dict[str, float] = {}
+        #: (earlier attempt's info, its worker alive, when to check again) of redeliveries
+        self.redelivered: collections.deque[tuple[dict[str, Any], bool, float]] = \
+            collections.deque()
 
     def __call__(self, request: Any) -> Any:
         from .task import RogerTask
@@ -158,7 +232,7 @@ class Admission:
             "worker": self.hostname, "pid": os.getpid(), "ek": ek, "qk": qk,
             "queue": queue if isinstance(queue, str) and queue
             else request.delivery_info.get("routing_key") or "",
-            "admitted_at": time.time(),
+            "admitted_at": time.time(), **_arguments(request),
         }
         try:
             admission = self.store.admit(
@@ -168,6 +242,11 @@ class Admission:
         except RedisError as exc:
             return self._admit_later(request, exc)
         self._retry_delay.pop(request.id, None)
+        if admission.previous is not None:
+            # A redelivery: the attempt it replaces ended with its worker (or, if that
+            # worker still lives, this is a duplicate delivery). The lease thread checks.
+            self.redelivered.append((admission.previous, admission.previous_alive,
+                                     time.monotonic() + self.store.settings.lease_seconds))
         if admission.outcome == "run":
             request._roger_pool = self.consumer.pool
             self.admitted[request.id] = request
@@ -197,6 +276,21 @@ class Admission:
                 del self.admitted[job_id]
 
 
+MAX_RECORDED_ARGS = 8192
+
+
+def _arguments(request: Any) -> dict[str, Any]:
+    """A running job's args and kwargs, for its record in Redis (omitted when large)."""
+    try:
+        raw = kombu_json.dumps([request.args, request.kwargs])
+    except Exception:
+        return {}
+    if len(raw) > MAX_RECORDED_ARGS:
+        return {}
+    args, kwargs = json.loads(raw)
+    return {"args": args, "kwargs": kwargs}
+
+
 class WorkerLease(threading.Thread):
     """Renews this worker's lease and heals what dead workers left (main process)."""
 
@@ -207,6 +301,8 @@ class WorkerLease(threading.Thread):
         self.store = admission.store
         self.instance = admission.instance
         self.stopping = threading.Event()
+        self.wakeup = threading.Event()
+        self.next_wake: float | None = None  # monotonic time a retry is due
         self.lease = self.store.settings.lease_seconds
         # Stop this worker's jobs this long before its lease could run out.
         self.safety = max(TICK_SECONDS * 2, min(5.0, self.lease / 3))
@@ -214,8 +310,21 @@ class WorkerLease(threading.Thread):
         self.lease_lost = False
 
     def run(self) -> None:
-        while not self.stopping.wait(TICK_SECONDS):
-            self.tick()
+        while not self.stopping.is_set():
+            timeout = TICK_SECONDS
+            if self.next_wake is not None:
+                timeout = max(0.0, min(timeout, self.next_wake - time.monotonic()))
+            self.wakeup.wait(timeout)
+            self.wakeup.clear()
+            if not self.stopping.is_set():
+                self.tick()
+
+    def wake_in(self, seconds: float) -> None:
+        """Tick again in ``seconds`` (a retry is due then), or sooner."""
+        at = time.monotonic() + seconds
+        if self.next_wake is None or at < self.next_wake:
+            self.next_wake = at
+            self.wakeup.set()
 
     def tick(self, *, deregister: bool = False) -> None:
         sent = time.monotonic()
@@ -231,17 +340,68 @@ class WorkerLease(threading.Thread):
         self.last_renewed = sent
         self.lease_lost = False
         self.admission.forget_done()
+        self.next_wake = (None if result.next_retry_in is None
+                          else time.monotonic() + result.next_retry_in)
         for info in result.orphans:
-            logger.warning(
-                "Job %s was running on %s, whose lease expired: releasing its keys",
-                info.get("job"), info.get("worker"),
-            )
-            _finish_quietly(self.app, str(info.get("job")), _key(info.get("ek")),
-                            _key(info.get("qk")))
+            self._orphan(info)
+        self._check_redelivered()
+        published = []
+        for due in result.due_retries:
+            try:
+                send_entry(self.app, due.entry)
+            except Exception:
+                logger.exception("could not publish the retry of job %s; trying again in %ss",
+                                 due.job_id, self.store.settings.publish_grace_seconds)
+            else:
+                published.append(due)
+        try:
+            self.store.confirm_retries(published)
+        except RedisError as exc:
+            logger.warning("roger: could not confirm published retries: %s", exc)
         for promotion in result.republish:
             hand_off(self.app, promotion)
         for queue_key in result.freed_queue_keys:
             logger.warning("Freed queue key %r: its publisher never confirmed the job", queue_key)
+
+    def _orphan(self, info: dict[str, Any]) -> None:
+        """A job whose worker died: its keys are freed; its message is redelivered."""
+        job_id = str(info.get("job"))
+        logger.warning("Job %s was running on %s, whose lease expired: releasing its keys",
+                       job_id, info.get("worker"))
+        if _finish_quietly(self.app, job_id, _key(info.get("ek")), _key(info.get("qk"))):
+            self._report_crash(info)  # else another worker's tick reported it
+
+    def _check_redelivered(self) -> None:
+        """Report the crash behind a redelivery once the earlier worker is known dead."""
+        pending = self.admission.redelivered
+        for _ in range(len(pending)):
+            info, alive, check_at = pending.popleft()
+            if alive and time.monotonic() < check_at:
+                pending.append((info, alive, check_at))
+                continue
+            try:
+                if alive and self.store.instance_alive(str(info.get("instance"))):
+                    continue  # a duplicate delivery of a job still running elsewhere
+            except RedisError:
+                pending.append((info, alive, check_at))
+                return
+            logger.warning("Job %s was redelivered: its attempt on %s ended with that worker",
+                           info.get("job"), info.get("worker"))
+            self._report_crash(info)
+
+    def _report_crash(self, info: dict[str, Any]) -> None:
+        job_id = str(info.get("job"))
+        task = self.app.tasks.get(str(info.get("task")))
+        if task is None:
+            return
+        job = Job(id=job_id, task=task.name, args=tuple(info.get("args") or ()),
+                  kwargs=dict(info.get("kwargs") or {}), queue=str(info.get("queue") or ""),
+                  queue_key=_key(info.get("qk")) or None,
+                  execution_key=_key(info.get("ek")) or None,
+                  started_at=float(info.get("admitted_at") or 0))
+        error = WorkerCrashed(f"worker {info.get('worker')} stopped renewing its lease")
+        runtime(self.app).callbacks.emit(task, "on_error", job, None, error=error,
+                                         traceback=None)
 
     def _lose_lease(self, exc: Exception) -> None:
         self.lease_lost = True
@@ -256,6 +416,7 @@ class WorkerLease(threading.Thread):
 
     def stop(self) -> None:
         self.stopping.set()
+        self.wakeup.set()
 
 
 class RogerConsumerStep(bootsteps.StartStopStep):
@@ -286,6 +447,12 @@ class RogerConsumerStep(bootsteps.StartStopStep):
 _leases: list[WorkerLease] = []
 
 
+def wake_leases(seconds: float) -> None:
+    """A retry is due in ``seconds``: have this process's lease thread tick then."""
+    for lease in list(_leases):
+        lease.wake_in(seconds)
+
+
 @signals.worker_shutdown.connect(weak=False, dispatch_uid="celery_roger.worker_shutdown")
 def _deregister(**_: Any) -> None:
     """The pool has stopped: give back what this worker holds, without waiting a lease."""
@@ -301,14 +468,31 @@ def _deregister(**_: Any) -> None:
 
 
 @signals.task_postrun.connect(weak=False, dispatch_uid="celery_roger.task_postrun")
-def _attempt_ended(sender: Any = None, task_id: str = "", **_: Any) -> None:
-    """The attempt ended in the job's process: result stored; release keys, promote."""
+def _attempt_ended(sender: Any = None, task_id: str = "", retval: Any = None,
+                   state: str = "", **_: Any) -> None:
+    """The attempt ended in the job's process, its result stored: release the keys
+    (promoting the next parked job), then run after_run / on_error / on_buried."""
     from .task import RogerTask
 
     if not isinstance(sender, RogerTask) or sender.request.is_eager:
         return
-    ek, qk = job_keys(sender.request)
+    request = sender.request
+    ek, qk = job_keys(request)
     _finish_quietly(sender.app, task_id, ek, qk)
+    attempt = getattr(request, "_roger_attempt", None)
+    if attempt is None:
+        return
+    callbacks = runtime(sender.app).callbacks
+    states = None if attempt.timed_out else attempt.states
+    if state == states_.SUCCESS:
+        callbacks.emit(sender, "after_run", attempt.job, states, result=retval)
+    elif state in (states_.FAILURE, states_.RETRY):
+        error = attempt.error
+        if error is None:
+            error = retval.exc if isinstance(retval, Retry) else retval
+        name = "on_buried" if attempt.decision and attempt.decision.kind == "bury" else "on_error"
+        callbacks.emit(sender, name, attempt.job, states, error=error,
+                       traceback=attempt.traceback)
 
 
 @signals.task_revoked.connect(weak=False, dispatch_uid="celery_roger.task_revoked")

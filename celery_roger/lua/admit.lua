@@ -6,7 +6,9 @@
 --       held (hash execution key -> job), msg (hash job -> message json),
 --       promoting (zset job -> deadline), parked (list of job ids for this execution key)
 -- ARGV: job id, worker instance, lease_ms, execution key or '', info json, message json
--- Returns {'run'} or {'parked', position, holder}.
+-- Returns {'run'}, {'run', previous info json, alive} when the job was recorded as running
+-- under another worker instance (a redelivery: alive is 1 while that instance's lease
+-- lasts), or {'parked', position, holder}.
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local job, ekey = ARGV[1], ARGV[4]
@@ -29,5 +31,15 @@ if ekey ~= '' then
     redis.call('HSET', KEYS[3], ekey, job)
   end
 end
+local previous = redis.call('HGET', KEYS[2], job)
 redis.call('HSET', KEYS[2], job, ARGV[5])
+if previous then
+  local ok, info = pcall(cjson.decode, previous)
+  if ok and info.instance ~= ARGV[2] then
+    local lease = redis.call('ZSCORE', KEYS[1], info.instance)
+    local alive = 0
+    if lease and tonumber(lease) > now then alive = 1 end
+    return {'run', previous, alive}
+  end
+end
 return {'run'}

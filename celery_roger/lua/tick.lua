@@ -4,10 +4,14 @@
 --     finishes each, which frees its keys and promotes the next parked job);
 --   * promoted jobs whose publisher did not confirm in time (republished by the
 --     caller; their deadline is pushed back so only one tick takes each);
+--   * retries that are due (published by the caller, which then confirms them with
+--     the new score returned here; until then no other tick takes them);
 -- and frees queue keys whose publisher died before the broker accepted the job.
--- KEYS: workers, running, promoting, msg, qkeys, qk_pending
+-- KEYS: workers, running, promoting, msg, qkeys, qk_pending, retry (zset job -> due ms),
+--       retry_msg (hash job -> entry json)
 -- ARGV: worker instance or '', lease_ms, grace_ms, '1' to deregister the instance
--- Returns {{orphan info json, ...}, {job id, message json, ...}, freed queue keys}.
+-- Returns {{orphan info json, ...}, {job id, message json, ...}, freed queue keys,
+--          {job id, entry json, score, ...}, ms until the next retry is due or -1}.
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 if ARGV[1] ~= '' then
@@ -52,4 +56,20 @@ for _, qkey in ipairs(freed) do
   redis.call('HDEL', KEYS[5], qkey)
   redis.call('ZREM', KEYS[6], qkey)
 end
-return {orphans, republish, freed}
+local due = {}
+for _, job in ipairs(redis.call('ZRANGEBYSCORE', KEYS[7], '-inf', now, 'LIMIT', 0, 100)) do
+  local entry = redis.call('HGET', KEYS[8], job)
+  if entry then
+    local score = now + grace
+    redis.call('ZADD', KEYS[7], score, job)
+    table.insert(due, job)
+    table.insert(due, entry)
+    table.insert(due, tostring(score))
+  else
+    redis.call('ZREM', KEYS[7], job)
+  end
+end
+local next_due = -1
+local first = redis.call('ZRANGE', KEYS[7], 0, 0, 'WITHSCORES')
+if #first > 0 then next_due = math.max(0, tonumber(first[2]) - now) end
+return {orphans, republish, freed, due, next_due}
