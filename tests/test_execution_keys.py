@@ -175,7 +175,7 @@ def test_promotion_whose_publisher_died_is_published_by_a_worker(app_module, run
     parked = app_module.step.apply_async((run, "parked"), execution_key=key)
     wait_until(lambda: store.parked_ids(key) == [parked.id], timeout=10, what="parking")
     # The ghost finishes and its process dies before publishing the promoted job.
-    promotion = store.finish("ghost", execution_key=key)
+    promotion = store.finish("ghost", execution_key=key).promotion
     assert promotion is not None and promotion.job_id == parked.id
     assert parked.get(timeout=20) == "parked"
     assert store.execution_key_holder(key) in (None, parked.id)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 import redis
 from celery import Celery
 
-from celery_roger import RogerTask
+from celery_roger import RetryableError, Roger, RogerTask
 
 URL = os.environ.get("ROGER_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
@@ -23,7 +24,16 @@ app.conf.update(
     worker_prefetch_multiplier=int(os.environ.get("ROGER_TEST_PREFETCH", "4")),
     broker_connection_retry_on_startup=True,
     result_expires=600,
+    roger_callbacks="roger_app.Recorder",
+    roger_buried_max=int(os.environ.get("ROGER_TEST_BURIED_MAX", "10000")),
 )
+
+if os.environ.get("ROGER_TEST_VISIBILITY"):
+    # Redeliver unacked messages of a dead worker after this many seconds.
+    app.conf.broker_transport_options = {
+        "visibility_timeout": float(os.environ["ROGER_TEST_VISIBILITY"]),
+        "unacked_restore_interval": 1, "unacked_restore_throttle": 1,
+    }
 
 if os.environ.get("ROGER_TEST_BEAT"):
     app.conf.beat_schedule = {
@@ -82,3 +92,116 @@ def plain(run: str, name: str) -> str:
     """A task without roger."""
     record(run, "plain", name=name)
     return name
+
+
+class Recorder:
+    """roger_callbacks: records every callback on the job's run timeline.
+
+    A job whose kwargs hold ``raise_in=<callback name>`` makes that callback raise after
+    recording itself. ``after_run`` also records whether, at that moment, the result was
+    stored and the job's keys were released (SPEC section 7's order).
+    """
+
+    def _record(self, name: str, job, **fields: object) -> None:
+        run = job.args[0] if job.args else "no-run"
+        record(run, "cb", cb=name, job=job.id, name=job.args[1] if len(job.args) > 1 else None,
+               rc=job.retry_count, queue=job.queue, qk=job.queue_key, ek=job.execution_key,
+               started_at=job.started_at, queued_at=job.queued_at, **fields)
+        if job.kwargs.get("raise_in") == name:
+            raise RuntimeError(f"callback {name} fails on purpose")
+
+    def before_run(self, partition, job):
+        self._record("before_run", job, partition=partition)
+        return f"state-{job.id}"
+
+    def after_run(self, partition, job, result, state):
+        store = Roger(app).store
+        self._record(
+            "after_run", job, result=result, state=state,
+            stored=app.AsyncResult(job.id).state,
+            qk_free=job.queue_key is None or store.queue_key_holder(job.queue_key) != job.id,
+            ek_free=job.execution_key is None
+            or store.execution_key_holder(job.execution_key) != job.id,
+        )
+
+    def on_error(self, partition, job, error, traceback, state):
+        self._record("on_error", job, error=type(error).__name__, message=str(error),
+                     traceback=traceback, state=state)
+
+    def on_buried(self, partition, job, error, traceback, state):
+        self._record("on_buried", job, error=type(error).__name__, traceback=traceback,
+                     state=state)
+
+    def on_cancel(self, partition, job):
+        self._record("on_cancel", job)
+
+
+def act(run: str, name: str, how: str = "ok", duration: float = 0.0, raise_in=None) -> str:
+    """Behave as ``how`` says; every attempt is recorded, and counted per (run, name).
+
+    ok | fail (always) | failN (the first N attempts) | crash (SIGKILL own process) |
+    crashN | sleep (``duration``) | sleepN (sleep only the first N attempts) |
+    askS (raise RetryableError(retry_after=S) on the first attempt)
+    """
+    n = timeline.incr(f"attempts:{run}:{name}")
+    record(run, "attempt", name=name, n=n)
+
+    def first(prefix: str) -> bool:
+        rest = how[len(prefix):]
+        return how.startswith(prefix) and (rest == "" or n <= int(rest))
+
+    if first("fail"):
+        raise RuntimeError(f"boom {name}")
+    if first("crash"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if first("sleep"):
+        time.sleep(duration)
+    if how.startswith("ask") and n == 1:
+        raise RetryableError("not yet", retry_after=float(how[3:]))
+    record(run, "done", name=name, n=n)
+    return name
+
+
+@app.task(base=RogerTask, retryable=True, retry_levels=[1, 1, 1])
+def retrying(run, name, how="ok", duration=0.0, raise_in=None):
+    """Roger's retry_test job: retry_levels [1, 1, 1]."""
+    return act(run, name, how, duration, raise_in)
+
+
+@app.task(base=RogerTask, retryable=True, retry_levels=[0])
+def once(run, name, how="ok", duration=0.0, raise_in=None):
+    """Retried once at once, then buried."""
+    return act(run, name, how, duration, raise_in)
+
+
+@app.task(base=RogerTask)
+def fragile(run, name, how="ok", duration=0.0, raise_in=None):
+    """Not retryable: any failure is final."""
+    return act(run, name, how, duration, raise_in)
+
+
+@app.task(base=RogerTask, max_execution_time=1)
+def limited(run, name, how="ok", duration=0.0, raise_in=None):
+    """Roger's worker_timeout_test job: max_execution_time 1."""
+    return act(run, name, how, duration, raise_in)
+
+
+@app.task(base=RogerTask, max_execution_time=1, retryable=True, retry_levels=[0.2])
+def limited_retry(run, name, how="ok", duration=0.0, raise_in=None):
+    return act(run, name, how, duration, raise_in)
+
+
+@app.task(base=RogerTask, retryable=True, retry_levels=[0],
+          queue_key=lambda run, name, *a, **kw: f"{run}:q:{name}",
+          execution_key=lambda run, name, *a, **kw: f"{run}:e")
+def keyed(run, name, how="ok", duration=0.0, raise_in=None):
+    """Both keys; retried once, then buried."""
+    return act(run, name, how, duration, raise_in)
+
+
+@app.task(base=RogerTask, retryable=True, retry_levels=[2],
+          queue_key=lambda run, name, *a, **kw: f"{run}:q:{name}",
+          execution_key=lambda run, name, *a, **kw: f"{run}:e")
+def keyed_slow_retry(run, name, how="ok", duration=0.0, raise_in=None):
+    """Both keys; one retry after 2 s."""
+    return act(run, name, how, duration, raise_in)
