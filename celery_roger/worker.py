@@ -429,6 +429,7 @@ class RogerConsumerStep(bootsteps.StartStopStep):
         self.lease: WorkerLease | None = None
 
     def start(self, c: Any) -> None:
+        runtime(c.app).callbacks  # noqa: B018 (a bad roger_callbacks stops the worker here)
         if not isinstance(c.on_task_request, Admission):
             instance = f"{c.hostname}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
             c.on_task_request = Admission(c, c.app, instance)

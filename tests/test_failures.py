@@ -71,6 +71,36 @@ def test_before_run_and_after_run_with_state_and_result(app_module, run, r, work
     assert before["queued_at"] <= before["started_at"] <= after["t"]
 
 
+def test_the_callbacks_are_signals_too(app_module, run, r, worker):
+    worker()
+    ok = app_module.fragile.delay(run, "ok")
+    bad = app_module.once.delay(run, "bad", "fail")
+    assert ok.get(timeout=20) == "ok"
+    wait_outcomes(r, run, "bad", 2)
+
+    def signals_of(job_id):
+        return wait_until(lambda: [(e["signal"], e["keys"], e["state"])
+                                   for e in events(r, run, "signal") if e["job"] == job_id],
+                          timeout=5, what="signals")
+    wait_until(lambda: len(signals_of(ok.id)) == 2 and len(signals_of(bad.id)) == 4,
+               timeout=5, what="every signal")
+    assert signals_of(ok.id) == [("before_run", [], None),
+                                 ("after_run", ["result", "state"], f"state-{ok.id}")]
+    assert [s[:2] for s in signals_of(bad.id)] == [
+        ("before_run", []), ("on_error", ["error", "state", "traceback"]),
+        ("before_run", []), ("on_buried", ["error", "state", "traceback"])]
+
+
+def test_celerys_own_autoretry_on_a_roger_task(app_module, run, r, worker):
+    """Celery's retry works as in Celery; roger's retry_count is untouched."""
+    worker()
+    result = app_module.celery_retry.apply_async((run, "a", "fail1"), queue_key=f"{run}:qk")
+    assert result.get(timeout=20) == "a"
+    assert wait_outcomes(r, run, "a", 2) == ["on_error", "after_run"]
+    assert [e["rc"] for e in cbs(r, run, "a") if e["cb"] != "before_run"] == [0, 0]
+    assert runtime(app_module.app).store.queue_key_holder(f"{run}:qk") is None
+
+
 def test_non_retryable_error_fails_at_once_with_on_error(app_module, run, r, worker):
     """Roger scenario 41: on_error gets the exception and a traceback naming the job."""
     worker()
@@ -402,3 +432,8 @@ def test_get_on_a_retrying_job_waits_for_the_final_outcome(app_module, run, work
     with pytest.raises(CeleryTimeout):
         result.get(timeout=0.5)
     assert result.get(timeout=20) == "a"
+
+
+def test_a_bad_roger_callbacks_setting_stops_the_worker_at_start(worker):
+    with pytest.raises(RuntimeError, match="roger_callbacks: cannot import 'no_such_module.X'"):
+        worker(env={"ROGER_TEST_CALLBACKS": "no_such_module.X"})

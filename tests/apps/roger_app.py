@@ -10,7 +10,7 @@ import time
 import redis
 from celery import Celery
 
-from celery_roger import RetryableError, Roger, RogerTask
+from celery_roger import RetryableError, Roger, RogerTask, signals
 
 URL = os.environ.get("ROGER_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
@@ -24,7 +24,7 @@ app.conf.update(
     worker_prefetch_multiplier=int(os.environ.get("ROGER_TEST_PREFETCH", "4")),
     broker_connection_retry_on_startup=True,
     result_expires=600,
-    roger_callbacks="roger_app.Recorder",
+    roger_callbacks=os.environ.get("ROGER_TEST_CALLBACKS", "roger_app.Recorder"),
     roger_buried_max=int(os.environ.get("ROGER_TEST_BURIED_MAX", "10000")),
 )
 
@@ -205,3 +205,23 @@ def keyed(run, name, how="ok", duration=0.0, raise_in=None):
 def keyed_slow_retry(run, name, how="ok", duration=0.0, raise_in=None):
     """Both keys; one retry after 2 s."""
     return act(run, name, how, duration, raise_in)
+
+
+@app.task(base=RogerTask, autoretry_for=(RuntimeError,),
+          retry_kwargs={"max_retries": 1, "countdown": 0.2})
+def celery_retry(run, name, how="ok", duration=0.0, raise_in=None):
+    """Celery's own autoretry on a RogerTask."""
+    return act(run, name, how, duration, raise_in)
+
+
+def _signal(name):
+    def receiver(sender, partition, job, **values):
+        run = job.args[0] if job.args else "no-run"
+        record(run, "signal", signal=name, task=sender.name, job=job.id,
+               keys=sorted(set(values) - {"signal"}), state=values.get("state"))
+    receiver.__name__ = f"record_{name}"
+    return receiver
+
+
+for _name in ("before_run", "after_run", "on_error", "on_buried"):
+    getattr(signals, _name).connect(_signal(_name), weak=False)
