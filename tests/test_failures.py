@@ -435,5 +435,5 @@ def test_get_on_a_retrying_job_waits_for_the_final_outcome(app_module, run, work
 
 
 def test_a_bad_roger_callbacks_setting_stops_the_worker_at_start(worker):
-    with pytest.raises(RuntimeError, match="roger_callbacks: cannot import 'no_such_module.X'"):
+    with pytest.raises(RuntimeError, match=r"roger_callbacks: cannot import 'no_such_module\.X'"):
         worker(env={"ROGER_TEST_CALLBACKS": "no_such_module.X"})
