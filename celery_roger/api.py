@@ -9,7 +9,7 @@ from celery import Celery
 from .failure import send_entry
 from .job import BuriedJob
 from .runtime import install, runtime
-from .worker import finish_job, hand_off, job_header, job_keys
+from .worker import finish_job, hand_off, job_header, job_keys, publish_due
 
 logger = logging.getLogger("celery_roger")
 
@@ -72,6 +72,47 @@ class Roger:
                 if headers.get("id") and (ek or qk):
                     finish_job(self.app, str(headers["id"]), execution_key=ek, queue_key=qk)
         return removed
+
+    # -- cancellation ----------------------------------------------------------------------
+
+    def cancel(self, job_id: str) -> str:
+        """Cancel a job, wherever it is: it never runs (again) and is never retried.
+
+        Returns where roger found it: ``"running"`` (it is stopped), ``"retry"``,
+        ``"parked"`` or ``"paused"`` (taken out of Redis), or ``""`` (queued in the
+        broker, finished, or unknown: a worker drops it if it is ever delivered).
+        Cancelling an unknown or finished job is harmless.
+        """
+        if not isinstance(job_id, str) or not job_id:
+            raise ValueError(f"job_id must be a non-empty str, got {job_id!r}")
+        running, where = self.store.cancel(job_id)
+        # Every worker drops copies delivered to it; the one running it kills it.
+        self.app.control.broadcast("roger_cancel", arguments={"job_ids": [job_id]},
+                                   reply=False)
+        return "running" if running else where
+
+    # -- pause and resume ----------------------------------------------------------------
+
+    def pause(self, queue: str, reason: str | None = None) -> None:
+        """Pause ``queue`` for the whole cluster: once this returns, none of its jobs
+        starts anywhere until ``resume``. Running jobs finish; publishing still works."""
+        _check_queue(queue)
+        if reason is not None and not isinstance(reason, str):
+            raise ValueError(f"reason must be a str, got {reason!r}")
+        self.store.pause(queue, reason)
+        self.app.control.broadcast("roger_pause", arguments={"queue": queue}, reply=False)
+
+    def resume(self, queue: str) -> int:
+        """Resume ``queue``; returns how many held jobs were published again."""
+        _check_queue(queue)
+        released = self.store.resume(queue)
+        self.app.control.broadcast("roger_resume", arguments={"queue": queue}, reply=False)
+        while due := self.store.take_due():
+            publish_due(self.app, due)
+        return released
+
+    def paused_queues(self) -> set[str]:
+        return set(self.store.paused())
 
     # -- the buried queue -----------------------------------------------------------------
 

@@ -11,6 +11,7 @@ header's ``rc`` holds the retry count).
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 import traceback as tb
@@ -18,9 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
+from kombu.serialization import loads, prepare_accept_content
 
 from .errors import RetryableError
-from .job import HEADER, Job
+from .job import HEADER, Job, job_header
+from .publish import republish
 from .runtime import runtime
 
 logger = logging.getLogger("celery_roger")
@@ -35,7 +38,7 @@ PROTOCOL_HEADERS = frozenset((
 
 @dataclass(frozen=True)
 class Decision:
-    kind: str  # "retry", "bury" or "fail"
+    kind: str  # "retry", "bury", "fail", or "cancelled" (a retry refused: job cancelled)
     delay: float = 0.0
 
 
@@ -91,6 +94,36 @@ def send_entry(app: Celery, entry: dict[str, Any], *, retry_count: int | None = 
     return send(entry["task"], entry["args"], entry["kwargs"], **options)
 
 
+def publish_stored(app: Celery, stored: dict[str, Any]) -> None:
+    """Publish a job kept in Redis: a captured message, or a retry/publish entry."""
+    if "raw" in stored:
+        republish(app, stored["raw"])
+    else:
+        send_entry(app, stored)
+
+
+def job_from_stored(app: Celery, job_id: str, stored: dict[str, Any]) -> Job:
+    """The Job view of a job kept in Redis (a captured message or a publish entry)."""
+    raw = stored.get("raw") or (stored if "body" in stored else None)
+    if raw is None:
+        headers = (stored.get("options") or {}).get("headers") or {}
+        return Job.from_header(job_id, stored.get("task", ""), stored.get("args"),
+                               stored.get("kwargs"), job_header(headers), started_at=0.0)
+    headers = raw.get("headers") or {}
+    args: Any = ()
+    kwargs: Any = {}
+    try:
+        body = loads(base64.b64decode(raw["body"]), raw["content_type"],
+                     raw["content_encoding"],
+                     accept=prepare_accept_content(app.conf.accept_content))
+        if isinstance(body, (list, tuple)) and len(body) >= 2:
+            args, kwargs = body[0], body[1]
+    except Exception:
+        logger.debug("could not decode the body of job %s", job_id, exc_info=True)
+    return Job.from_header(job_id, str(headers.get("task", "")), args, kwargs,
+                           job_header(headers), queue=stored.get("queue", ""), started_at=0.0)
+
+
 def record(task: Any, job: Job, context: Any, error: BaseException, traceback: str | None,
            *, headers: dict[str, Any] | None = None) -> Decision:
     """Decide what a failed attempt becomes and record a retry or burial in Redis.
@@ -109,7 +142,8 @@ def record(task: Any, job: Job, context: Any, error: BaseException, traceback: s
     try:
         entry = publish_entry(task, context, header, headers)
         if decision.kind == "retry":
-            store.schedule_retry(job.id, decision.delay, entry)
+            if not store.schedule_retry(job.id, decision.delay, entry):
+                return Decision("cancelled")
             logger.info("Job %s[%s] failed (%s); retry %d in %ss", job.task, job.id,
                         describe(error), job.retry_count + 1, decision.delay)
             return decision

@@ -23,7 +23,8 @@ logger = logging.getLogger("celery_roger")
 
 _SCRIPTS = ("take_queue_key", "confirm_queue_key", "release_queue_key", "admit", "finish",
             "tick", "drop_parked", "schedule_retry", "confirm_retries", "bury", "requeue_take",
-            "unbury", "purge_buried")
+            "unbury", "purge_buried", "start", "claim_cancel", "cancel", "park_paused",
+            "resume", "take_due")
 
 
 def _load_scripts() -> dict[str, str]:
@@ -38,7 +39,7 @@ _SOURCES = _load_scripts()
 class Admission:
     """What admit decided: ``"run"`` or ``"parked"`` (with position and holder)."""
 
-    outcome: str
+    outcome: str  # "run", "parked", "cancelled" (position: 1 to report it) or "paused"
     position: int = 0
     holder: str = ""
     #: A redelivered job's earlier attempt, recorded under another worker instance.
@@ -79,6 +80,11 @@ class TickResult:
     due_retries: list[DueRetry]
     #: Seconds until the next waiting retry is due; None when none waits.
     next_retry_in: float | None
+    #: Cancelled jobs taken out of Redis waiting places, to report (on_cancel) once.
+    cancel_reports: list[dict[str, Any]]
+    paused: set[str]
+    #: Queues no longer paused that still have held jobs (a late park): to release.
+    stale_paused: list[str]
 
 
 class Store:
@@ -105,12 +111,20 @@ class Store:
         self.k_retry, self.k_retry_msg = k + "retry", k + "retry_msg"
         self.k_buried, self.k_buried_msg = k + "buried", k + "buried_msg"
         self.k_buried_dropped, self.k_buried_queues = k + "buried_dropped", k + "buried_queues"
+        self.k_cancelled, self.k_cancel_reported = k + "cancelled", k + "cancel_reported"
+        self.k_cancel_reports = k + "cancel_reports"
+        self.k_paused, self.k_paused_msg, self.k_paused_lists = (
+            k + "paused", k + "paused_msg", k + "paused_lists")
+        self.cancel_ttl_ms = int(settings.cancel_ttl * 1000)
 
     def __repr__(self) -> str:
         return f"<Store {redact_url(self.settings.redis_url)} partition={self.partition!r}>"
 
     def parked_key(self, execution_key: str) -> str:
         return f"{self.prefix}parked:{execution_key}"
+
+    def paused_jobs_key(self, queue: str) -> str:
+        return f"{self.prefix}pausedjobs:{queue}"
 
     def buried_key(self, queue: str) -> str:
         return f"{self.prefix}buried:{queue}"
@@ -146,13 +160,16 @@ class Store:
     ) -> Admission:
         reply = self._scripts["admit"](
             keys=[self.k_workers, self.k_running, self.k_held, self.k_msg, self.k_promoting,
-                  self.parked_key(execution_key)],
+                  self.parked_key(execution_key), self.k_cancelled, self.k_cancel_reported,
+                  self.k_paused],
             args=[job_id, instance, self.lease_ms, execution_key, _dumps(info),
-                  _dumps(message) if execution_key else ""],
+                  _dumps(message) if execution_key else "", info.get("queue") or ""],
         )
         outcome = _text(reply[0])
         if outcome == "parked":
             return Admission("parked", int(reply[1]), _text(reply[2]))
+        if outcome == "cancelled":
+            return Admission(outcome, position=int(reply[1]))
         if len(reply) > 1:
             return Admission(outcome, previous=json.loads(reply[1]),
                              previous_alive=bool(int(reply[2])))
@@ -184,9 +201,11 @@ class Store:
         self.redis.zrem(self.k_promoting, job_id)
 
     def tick(self, instance: str = "", *, deregister: bool = False) -> TickResult:
-        orphans, republish, freed, due, next_due = self._scripts["tick"](
+        orphans, republish, freed, due, next_due, reports, paused, stale = self._scripts["tick"](
             keys=[self.k_workers, self.k_running, self.k_promoting, self.k_msg, self.k_qkeys,
-                  self.k_qk_pending, self.k_retry, self.k_retry_msg],
+                  self.k_qk_pending, self.k_retry, self.k_retry_msg, self.k_cancelled,
+                  self.k_cancel_reported, self.k_cancel_reports, self.k_paused,
+                  self.k_paused_lists],
             args=[instance, self.lease_ms, self.grace_ms, "1" if deregister else "0"],
         )
         return TickResult(
@@ -196,20 +215,80 @@ class Store:
                 for i in range(0, len(republish), 2)
             ],
             freed_queue_keys=[_text(k) for k in freed],
-            due_retries=[
-                DueRetry(_text(due[i]), loads(due[i + 1]), _text(due[i + 2]))
-                for i in range(0, len(due), 3)
-            ],
+            due_retries=_due(due),
             next_retry_in=None if int(next_due) < 0 else int(next_due) / 1000,
+            cancel_reports=[loads(report) for report in reports],
+            paused={_text(q) for q in paused},
+            stale_paused=[_text(q) for q in stale],
         )
+
+    def take_due(self, limit: int = 100) -> list[DueRetry]:
+        return _due(self._scripts["take_due"](keys=[self.k_retry, self.k_retry_msg],
+                                              args=[self.grace_ms, limit]))
+
+    # -- cancellation and pause ---------------------------------------------------------
+
+    def start(self, job_id: str, queue: str) -> tuple[str, bool]:
+        """The check right before a job's body runs: ('run'|'paused'|'cancelled', report)."""
+        reply = self._scripts["start"](keys=[self.k_cancelled, self.k_cancel_reported,
+                                             self.k_paused], args=[job_id, queue])
+        return _text(reply[0]), len(reply) > 1 and bool(int(reply[1]))
+
+    def claim_cancel(self, job_id: str) -> bool:
+        """Remember ``job_id`` as cancelled; true for the one caller that reports it."""
+        return bool(self._scripts["claim_cancel"](
+            keys=[self.k_cancelled, self.k_cancel_reported], args=[job_id, self.cancel_ttl_ms]))
+
+    def cancel(self, job_id: str) -> tuple[dict[str, Any] | None, str]:
+        """Cancel: (its running record or None, where it waited in Redis or '')."""
+        running, where = self._scripts["cancel"](
+            keys=[self.k_cancelled, self.k_cancel_reported, self.k_cancel_reports,
+                  self.k_retry, self.k_retry_msg, self.k_msg, self.k_promoting,
+                  self.k_paused_msg, self.k_qkeys, self.k_qk_pending, self.k_running],
+            args=[job_id, self.cancel_ttl_ms, self.prefix],
+        )
+        return (json.loads(running) if running else None), _text(where)
+
+    def is_cancelled(self, job_id: str) -> bool:
+        expiry = self.redis.zscore(self.k_cancelled, job_id)
+        return expiry is not None and expiry > self.redis_time_ms()
+
+    def pending_cancels(self) -> int:
+        return int(self.redis.zcard(self.k_cancelled))
+
+    def pause(self, queue: str, reason: str | None) -> None:
+        seconds, micros = self.redis.time()
+        self.redis.hset(self.k_paused, queue,
+                        _dumps({"at": seconds + micros / 1e6, "reason": reason}))
+
+    def paused(self) -> dict[str, dict[str, Any]]:
+        return {_text(q): json.loads(v) for q, v in self.redis.hgetall(self.k_paused).items()}
+
+    def park_paused(self, job_id: str, queue: str, stored: dict[str, Any]) -> None:
+        self._scripts["park_paused"](
+            keys=[self.k_paused_msg, self.paused_jobs_key(queue), self.k_paused_lists],
+            args=[job_id, dumps({**stored, "queue": queue}), queue],
+        )
+
+    def resume(self, queue: str, *, release_only: bool = False) -> int:
+        """Forget the pause of ``queue`` and make its held jobs due now; returns how many."""
+        return int(self._scripts["resume"](
+            keys=[self.k_paused, self.paused_jobs_key(queue), self.k_paused_msg, self.k_retry,
+                  self.k_retry_msg, self.k_paused_lists],
+            args=[queue, "0" if release_only else "1"],
+        ))
+
+    def held_for_pause(self, queue: str) -> int:
+        return int(self.redis.llen(self.paused_jobs_key(queue)))
 
     # -- retries and the buried queue -------------------------------------------------
 
-    def schedule_retry(self, job_id: str, delay: float, entry: dict[str, Any]) -> None:
-        self._scripts["schedule_retry"](
-            keys=[self.k_retry, self.k_retry_msg],
+    def schedule_retry(self, job_id: str, delay: float, entry: dict[str, Any]) -> bool:
+        """Keep a retry until it is due; false (nothing kept) if the job is cancelled."""
+        return bool(self._scripts["schedule_retry"](
+            keys=[self.k_retry, self.k_retry_msg, self.k_cancelled],
             args=[job_id, int(delay * 1000), dumps(entry)],
-        )
+        ))
 
     def confirm_retries(self, published: list[DueRetry]) -> None:
         if published:
@@ -303,6 +382,11 @@ class Store:
 
     def parked_ids(self, execution_key: str) -> list[str]:
         return [_text(j) for j in self.redis.lrange(self.parked_key(execution_key), 0, -1)]
+
+
+def _due(reply: list[Any]) -> list[DueRetry]:
+    return [DueRetry(_text(reply[i]), loads(reply[i + 1]), _text(reply[i + 2]))
+            for i in range(0, len(reply), 3)]
 
 
 def _text(value: Any) -> str:

@@ -12,7 +12,7 @@ from celery.exceptions import Ignore, Reject, Retry
 from . import keys
 from .config import retry_levels
 from .errors import ConfigurationError, JobTimeout
-from .failure import Decision, format_traceback, record
+from .failure import Decision, format_traceback, publish_entry, record
 from .job import Job
 from .publish import UNSET
 from .runtime import install, runtime
@@ -28,6 +28,11 @@ class Attempt:
     error: BaseException | None = None
     traceback: str | None = None
     timed_out: bool = False
+    #: Stopped before or after its body because it was cancelled; report: run on_cancel.
+    cancelled: bool = False
+    report_cancel: bool = False
+    #: Put back for its paused queue: it keeps its queue key.
+    paused: bool = False
 
 
 class RogerTask(Task):
@@ -89,8 +94,15 @@ class RogerTask(Task):
         # A worker attempt: before_run, the body, and roger's failure handling. The
         # end of the attempt (keys, then after_run / on_error / on_buried) is in the
         # task_postrun hook, after Celery has stored the result.
+        rt = runtime(self.app)
         attempt = request._roger_attempt = Attempt(Job.from_request(request))
-        attempt.states = runtime(self.app).callbacks.before_run(self, attempt.job)
+        # What changed since admission: a cancel, or a pause of the job's queue.
+        outcome, report = rt.store.start(request.id, attempt.job.queue)
+        if outcome == "cancelled":
+            self._roger_cancelled(attempt, request, report)
+        if outcome == "paused":
+            self._roger_hold_for_pause(attempt, request)
+        attempt.states = rt.callbacks.before_run(self, attempt.job)
         try:
             result = super().__call__(*args, **kwargs)
         except (Retry, Ignore, Reject):
@@ -98,6 +110,9 @@ class RogerTask(Task):
         except Exception as exc:
             self._roger_failed(attempt, request, exc, format_traceback(exc))
             raise
+        if not _in_prefork_child() and rt.store.is_cancelled(request.id):
+            # threads / solo could not kill it: it is reported cancelled now.
+            self._roger_cancelled(attempt, request, rt.store.claim_cancel(request.id))
         limit = self.max_execution_time
         elapsed = time.time() - attempt.job.started_at
         if limit is not None and elapsed > limit:
@@ -108,12 +123,38 @@ class RogerTask(Task):
             raise timeout
         return result
 
+    def is_cancelled(self) -> bool:
+        """Whether this job was cancelled (for pools that cannot kill it: threads, solo)."""
+        return runtime(self.app).store.is_cancelled(self.request.id)
+
     def _roger_failed(self, attempt: Attempt, request: Any, exc: BaseException,
                       traceback: str | None) -> None:
         attempt.error, attempt.traceback = exc, traceback
         attempt.decision = record(self, attempt.job, request, exc, traceback)
         if attempt.decision.kind == "retry":
             raise Retry(exc=exc, when=attempt.decision.delay) from exc
+        if attempt.decision.kind == "cancelled":
+            self._roger_cancelled(attempt, request, runtime(self.app).store.claim_cancel(
+                request.id))
+
+    def _roger_cancelled(self, attempt: Attempt, request: Any, report: bool) -> None:
+        """End the attempt as cancelled: REVOKED, no retry; on_cancel follows (postrun)."""
+        attempt.cancelled, attempt.report_cancel = True, report
+        self.backend.mark_as_revoked(request.id, "cancelled", request=request)
+        raise Ignore("cancelled")
+
+    def _roger_hold_for_pause(self, attempt: Attempt, request: Any) -> None:
+        """Its queue was paused after admission: keep it in Redis until resume."""
+        header = {"q": attempt.job.queue, "at": attempt.job.queued_at,
+                  "rc": attempt.job.retry_count}
+        if attempt.job.queue_key:
+            header["qk"] = attempt.job.queue_key
+        if attempt.job.execution_key:
+            header["ek"] = attempt.job.execution_key
+        runtime(self.app).store.park_paused(request.id, attempt.job.queue,
+                                            publish_entry(self, request, header))
+        attempt.paused = True
+        raise Ignore("queue paused")
 
     def get_queue_key(self, *args: Any, **kwargs: Any) -> str | None:
         return keys.compute(self.queue_key, args, kwargs)
@@ -143,3 +184,10 @@ class RogerTask(Task):
             options.pop("on_duplicate", None)
         return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow,
                                    **options)
+
+
+def _in_prefork_child() -> bool:
+    """True in a prefork pool process, where a cancelled job is killed by its worker."""
+    from billiard.process import current_process
+
+    return current_process().name.startswith("ForkPoolWorker")

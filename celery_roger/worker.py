@@ -39,12 +39,13 @@ from celery.worker.state import task_ready
 from kombu.utils import json as kombu_json
 from redis.exceptions import RedisError
 
+from .control import QueueControl
 from .errors import JobTimeout, WorkerCrashed
-from .failure import record, send_entry
+from .failure import job_from_stored, publish_stored, record
 from .job import Job, job_header
 from .publish import capture, republish
 from .runtime import runtime
-from .store import Promotion
+from .store import DueRetry, Promotion, loads
 
 logger = logging.getLogger("celery_roger")
 
@@ -216,6 +217,12 @@ class Admission:
         #: (earlier attempt's info, its worker alive, when to check again) of redeliveries
         self.redelivered: collections.deque[tuple[dict[str, Any], bool, float]] = \
             collections.deque()
+        #: (task, job) cancelled here, to report from the lease thread
+        self.cancel_reports: collections.deque[tuple[Any, Job]] = collections.deque()
+        #: job ids that Celery's own revoke named, to cancel in roger state too
+        self.revoked_ids: collections.deque[str] = collections.deque()
+        self.lease: WorkerLease | None = None
+        self.queues = QueueControl(consumer, app)
 
     def __call__(self, request: Any) -> Any:
         from .task import RogerTask
@@ -251,13 +258,39 @@ class Admission:
             request._roger_pool = self.consumer.pool
             self.admitted[request.id] = request
             return self.handle(request)
+        if admission.outcome == "cancelled":
+            logger.info("Dropped cancelled job %s[%s]", request.name, request.id)
+            finish_job(self.app, request.id, execution_key=ek, queue_key=qk)
+            if admission.position:
+                self.report_cancel(request.task, Job.from_request(request, started_at=0.0))
+            return self._drop(request)
+        if admission.outcome == "paused":
+            try:
+                self.store.park_paused(request.id, info["queue"],
+                                       {"raw": capture(request.message)})
+                if ek:  # a promoted job hands its execution key on; it keeps its queue key
+                    finish_job(self.app, request.id, execution_key=ek, queue_key="")
+            except RedisError as exc:
+                return self._admit_later(request, exc)
+            logger.info("Held job %s[%s]: queue %r is paused", request.name, request.id,
+                        info["queue"])
+            return self._drop(request)
         logger.info(
             "Parked job %s[%s]: execution key %r is held by %s (position %d)",
             request.name, request.id, ek, admission.holder, admission.position,
         )
+        return self._drop(request)
+
+    def _drop(self, request: Any) -> None:
+        """The job is kept in Redis (or cancelled): ack its message, free its slot."""
         worker_state.task_ready(request)
         request.acknowledge()
-        return None
+
+    def report_cancel(self, task: Any, job: Job) -> None:
+        """Have the lease thread mark the job REVOKED and run on_cancel (not this loop)."""
+        self.cancel_reports.append((task, job))
+        if self.lease is not None:
+            self.lease.wakeup.set()
 
     def _admit_later(self, request: Any, exc: Exception) -> None:
         """Redis is unreachable: keep the job (unacked) and try admitting it again."""
@@ -314,9 +347,14 @@ class WorkerLease(threading.Thread):
             timeout = TICK_SECONDS
             if self.next_wake is not None:
                 timeout = max(0.0, min(timeout, self.next_wake - time.monotonic()))
-            self.wakeup.wait(timeout)
+            woken = self.wakeup.wait(timeout)
             self.wakeup.clear()
-            if not self.stopping.is_set():
+            if self.stopping.is_set():
+                break
+            if woken and (self.admission.cancel_reports or self.admission.revoked_ids) and (
+                    self.next_wake is None or self.next_wake > time.monotonic()):
+                self._report_local()  # a cancellation to report: no need for a full tick
+            else:
                 self.tick()
 
     def wake_in(self, seconds: float) -> None:
@@ -345,23 +383,44 @@ class WorkerLease(threading.Thread):
         for info in result.orphans:
             self._orphan(info)
         self._check_redelivered()
-        published = []
-        for due in result.due_retries:
-            try:
-                send_entry(self.app, due.entry)
-            except Exception:
-                logger.exception("could not publish the retry of job %s; trying again in %ss",
-                                 due.job_id, self.store.settings.publish_grace_seconds)
-            else:
-                published.append(due)
-        try:
-            self.store.confirm_retries(published)
-        except RedisError as exc:
-            logger.warning("roger: could not confirm published retries: %s", exc)
+        publish_due(self.app, result.due_retries)
+        self.admission.queues.reconcile(result.paused)
+        for queue in result.stale_paused:
+            released = self.store.resume(queue, release_only=True)
+            if released:
+                publish_due(self.app, self.store.take_due())
+        for report in result.cancel_reports:
+            job_id = str(report.get("job"))
+            job = job_from_stored(self.app, job_id, loads(report["stored"])
+                                  if isinstance(report.get("stored"), str) else {})
+            logger.info("Cancelled job %s[%s] (it waited: %s)", job.task, job_id,
+                        report.get("where"))
+            self._cancelled(self.app.tasks.get(job.task), job)
+        self._report_local()
         for promotion in result.republish:
             hand_off(self.app, promotion)
         for queue_key in result.freed_queue_keys:
             logger.warning("Freed queue key %r: its publisher never confirmed the job", queue_key)
+
+    def _report_local(self) -> None:
+        """Cancellations seen by this worker's event loop: Redis work and callbacks here."""
+        while self.admission.revoked_ids:
+            job_id = self.admission.revoked_ids.popleft()
+            try:
+                self.store.cancel(job_id)
+            except RedisError as exc:
+                logger.warning("could not record Celery's revoke of %s: %s", job_id, exc)
+        while self.admission.cancel_reports:
+            task, job = self.admission.cancel_reports.popleft()
+            self._cancelled(task, job)
+
+    def _cancelled(self, task: Any, job: Job) -> None:
+        backend = (task or self.app).backend
+        try:
+            backend.mark_as_revoked(job.id, "cancelled")
+        except Exception:
+            logger.exception("could not store REVOKED for job %s", job.id)
+        runtime(self.app).callbacks.emit(task, "on_cancel", job)
 
     def _orphan(self, info: dict[str, Any]) -> None:
         """A job whose worker died: its keys are freed; its message is redelivered."""
@@ -434,8 +493,10 @@ class RogerConsumerStep(bootsteps.StartStopStep):
             instance = f"{c.hostname}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
             c.on_task_request = Admission(c, c.app, instance)
             c.update_strategies()
+        c.on_task_request.queues.start()
         if self.lease is None:
             self.lease = WorkerLease(c.app, c.on_task_request)
+            c.on_task_request.lease = self.lease
             self.lease.tick()
             self.lease.start()
             _leases.append(self.lease)
@@ -446,6 +507,31 @@ class RogerConsumerStep(bootsteps.StartStopStep):
 
 
 _leases: list[WorkerLease] = []
+
+
+def _admission(app: Celery) -> Admission | None:
+    for lease in _leases:
+        if lease.app is app:
+            return lease.admission
+    return None
+
+
+def publish_due(app: Celery, due: list[DueRetry]) -> None:
+    """Publish due retries (and resumed jobs), then confirm those that were published."""
+    published = []
+    store = runtime(app).store
+    for item in due:
+        try:
+            publish_stored(app, item.entry)
+        except Exception:
+            logger.exception("could not publish job %s; trying again in %ss", item.job_id,
+                             store.settings.publish_grace_seconds)
+        else:
+            published.append(item)
+    try:
+        store.confirm_retries(published)
+    except RedisError as exc:
+        logger.warning("roger: could not confirm published retries: %s", exc)
 
 
 def wake_leases(seconds: float) -> None:
@@ -479,11 +565,18 @@ def _attempt_ended(sender: Any = None, task_id: str = "", retval: Any = None,
         return
     request = sender.request
     ek, qk = job_keys(request)
-    _finish_quietly(sender.app, task_id, ek, qk)
     attempt = getattr(request, "_roger_attempt", None)
+    # A job held for its paused queue is still pending: it keeps its queue key.
+    _finish_quietly(sender.app, task_id, ek, "" if attempt and attempt.paused else qk)
     if attempt is None:
         return
     callbacks = runtime(sender.app).callbacks
+    if attempt.cancelled:
+        if attempt.report_cancel:
+            callbacks.emit(sender, "on_cancel", attempt.job)
+        return
+    if attempt.paused:
+        return
     states = None if attempt.timed_out else attempt.states
     if state == states_.SUCCESS:
         callbacks.emit(sender, "after_run", attempt.job, states, result=retval)
@@ -505,6 +598,18 @@ def _revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
         return
     ek, qk = job_keys(request)
     _finish_quietly(sender.app, request.id, ek, qk)
+    try:
+        report = runtime(sender.app).store.claim_cancel(request.id)
+    except RedisError as exc:
+        logger.warning("could not record the revoke of %s: %s", request.id, exc)
+        return
+    if report:
+        admission = _admission(sender.app)
+        job = Job.from_request(request, started_at=getattr(request, "_roger_started_at", 0.0))
+        if admission is not None:
+            admission.report_cancel(sender, job)
+        else:
+            runtime(sender.app).callbacks.emit(sender, "on_cancel", job)
 
 
 @signals.worker_process_init.connect(weak=False, dispatch_uid="celery_roger.process_init")

@@ -4,8 +4,13 @@
 -- behind the job holding the key.
 -- KEYS: workers (zset instance -> lease deadline ms), running (hash job -> info json),
 --       held (hash execution key -> job), msg (hash job -> message json),
---       promoting (zset job -> deadline), parked (list of job ids for this execution key)
--- ARGV: job id, worker instance, lease_ms, execution key or '', info json, message json
+--       promoting (zset job -> deadline), parked (list of job ids for this execution key),
+--       cancelled (zset job -> expiry), cancel_reported (zset job -> expiry),
+--       paused (hash queue -> info json)
+-- ARGV: job id, worker instance, lease_ms, execution key or '', info json, message json,
+--       queue
+-- A cancelled job is refused first ({'cancelled', 1 if this call claims its on_cancel}),
+-- then a job of a paused queue ({'paused'}: the caller stores it for resume).
 -- Returns {'run'}, {'run', previous info json, alive} when the job was recorded as running
 -- under another worker instance (a redelivery: alive is 1 while that instance's lease
 -- lasts), or {'parked', position, holder}.
@@ -13,6 +18,14 @@ local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local job, ekey = ARGV[1], ARGV[4]
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+
+local cancelled = redis.call('ZSCORE', KEYS[7], job)
+if cancelled and tonumber(cancelled) > now then
+  return {'cancelled', redis.call('ZADD', KEYS[8], 'NX', cancelled, job)}
+end
+if ARGV[7] ~= '' and redis.call('HEXISTS', KEYS[9], ARGV[7]) == 1 then
+  return {'paused'}
+end
 
 if ekey ~= '' then
   local holder = redis.call('HGET', KEYS[3], ekey)

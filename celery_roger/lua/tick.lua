@@ -7,11 +7,15 @@
 --   * retries that are due (published by the caller, which then confirms them with
 --     the new score returned here; until then no other tick takes them);
 -- and frees queue keys whose publisher died before the broker accepted the job.
+-- It also forgets expired cancellations, pops cancellations to report (on_cancel), and
+-- returns the paused queues and the queues whose held jobs wait for no pause any more.
 -- KEYS: workers, running, promoting, msg, qkeys, qk_pending, retry (zset job -> due ms),
---       retry_msg (hash job -> entry json)
+--       retry_msg (hash job -> entry json), cancelled, cancel_reported, cancel_reports,
+--       paused, paused_lists
 -- ARGV: worker instance or '', lease_ms, grace_ms, '1' to deregister the instance
 -- Returns {{orphan info json, ...}, {job id, message json, ...}, freed queue keys,
---          {job id, entry json, score, ...}, ms until the next retry is due or -1}.
+--          {job id, entry json, score, ...}, ms until the next retry is due or -1,
+--          {cancel report json, ...}, paused queues, queues with stale held jobs}.
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 if ARGV[1] ~= '' then
@@ -72,4 +76,19 @@ end
 local next_due = -1
 local first = redis.call('ZRANGE', KEYS[7], 0, 0, 'WITHSCORES')
 if #first > 0 then next_due = math.max(0, tonumber(first[2]) - now) end
-return {orphans, republish, freed, due, next_due}
+redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', now)
+local reports = {}
+for _ = 1, 50 do
+  local report = redis.call('LPOP', KEYS[11])
+  if not report then break end
+  table.insert(reports, report)
+end
+local paused = redis.call('HKEYS', KEYS[12])
+local stale = {}
+local is_paused = {}
+for _, queue in ipairs(paused) do is_paused[queue] = true end
+for _, queue in ipairs(redis.call('SMEMBERS', KEYS[13])) do
+  if not is_paused[queue] then table.insert(stale, queue) end
+end
+return {orphans, republish, freed, due, next_due, reports, paused, stale}

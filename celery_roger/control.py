@@ -1,0 +1,151 @@
+"""Worker-side control: which queues a worker consumes while some are paused, and the
+remote-control commands that reach every worker at once (``roger_pause``,
+``roger_resume``, ``roger_cancel``).
+
+The paused set lives in Redis. A worker applies it before it consumes anything (the
+consumer bootstep), on every broadcast, and on every lease tick (so a worker that missed
+a broadcast converges within about a second). It stops consuming a paused queue only if
+it consumed it before, and consumes it again on resume only then.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from typing import Any
+
+from celery import Celery
+from celery.worker import state as worker_state
+from celery.worker.control import Panel, control_command
+from redis.exceptions import RedisError
+
+from .runtime import runtime
+
+logger = logging.getLogger("celery_roger")
+
+
+class QueueControl:
+    """The queues one worker consumes, given the cluster's paused set."""
+
+    def __init__(self, consumer: Any, app: Celery) -> None:
+        self.consumer = consumer
+        self.app = app
+        self.original: set[str] | None = None  # what the worker consumed at start
+        self.paused_here: set[str] = set()  # queues it stopped consuming for a pause
+        self.applied: frozenset[str] | None = None
+
+    def start(self) -> None:
+        """Before the worker consumes: record its queues, stop consuming paused ones."""
+        if self.original is None:
+            self.original = {q.name for q in self.consumer.task_consumer.queues}
+        try:
+            paused = set(runtime(self.app).store.paused())
+        except RedisError as exc:
+            logger.error("roger: cannot read the paused queues (%s); jobs of paused queues "
+                         "are held when delivered, and this is retried every second", exc)
+            return
+        self.apply(paused)
+
+    def apply(self, paused: set[str] | frozenset[str]) -> None:
+        """In the consumer's thread: consume according to ``paused``."""
+        if self.original is None:
+            return
+        for queue in sorted((self.original & set(paused)) - self.paused_here):
+            self.consumer.cancel_task_queue(queue)
+            self.paused_here.add(queue)
+            logger.info("roger: queue %r is paused: not consuming it", queue)
+        for queue in sorted(self.paused_here - set(paused)):
+            self.consumer.add_task_queue(queue)
+            self.paused_here.discard(queue)
+            logger.info("roger: queue %r resumed", queue)
+        self.applied = frozenset(paused)
+
+    def reconcile(self, paused: set[str]) -> None:
+        """From any thread: converge to the stored paused set."""
+        if self.applied is None or frozenset(paused) != self.applied:
+            self.consumer.call_soon(self.apply, frozenset(paused))
+
+    def change(self, queue: str, paused: bool) -> None:
+        current = set(self.applied or ())
+        if paused:
+            current.add(queue)
+        else:
+            current.discard(queue)
+        self.apply(current)
+
+
+def _admission(state: Any) -> Any:
+    from .worker import Admission
+
+    handler = getattr(state.consumer, "on_task_request", None)
+    return handler if isinstance(handler, Admission) else None
+
+
+@control_command(args=[("queue", str)], signature="<queue>")
+def roger_pause(state: Any, queue: str, **kwargs: Any) -> dict[str, Any]:
+    """Stop consuming ``queue`` if this worker consumes it (roger's pause)."""
+    admission = _admission(state)
+    if admission is None:
+        return {"ok": "not a roger worker"}
+    admission.queues.change(queue, True)
+    return {"ok": f"queue {queue} paused"}
+
+
+@control_command(args=[("queue", str)], signature="<queue>")
+def roger_resume(state: Any, queue: str, **kwargs: Any) -> dict[str, Any]:
+    """Consume ``queue`` again if this worker consumed it before it was paused."""
+    admission = _admission(state)
+    if admission is None:
+        return {"ok": "not a roger worker"}
+    admission.queues.change(queue, False)
+    return {"ok": f"queue {queue} resumed"}
+
+
+@control_command(args=[("job_ids", list)], signature="<job_id> [job_id ...]")
+def roger_cancel(state: Any, job_ids: list[str], **kwargs: Any) -> dict[str, Any]:
+    """Drop delivered copies of the jobs and kill the ones running here (prefork)."""
+    from .task import RogerTask
+
+    ids = {str(j) for j in job_ids}
+    worker_state.revoked.update(ids)  # Celery drops copies delivered later (task_revoked)
+    killed, cooperative = [], []
+    for request in list(worker_state.active_requests):
+        if request.id not in ids or not isinstance(request.task, RogerTask):
+            continue
+        if not request.time_start:
+            # Accepted by the pool but not started: its own start check drops it.
+            continue
+        try:
+            request.terminate(state.consumer.pool, signal=signal.SIGKILL)
+            killed.append(request.id)
+        except NotImplementedError:
+            cooperative.append(request.id)
+            logger.warning("Job %s is cancelled but the %s pool cannot stop it: it is "
+                           "reported cancelled when it returns (self.is_cancelled() is true)",
+                           request.id, type(state.consumer.pool).__name__)
+    return {"ok": {"killed": killed, "cannot_kill": cooperative}}
+
+
+def _wrap_celery_revoke() -> None:
+    """Celery's own revoke (AsyncResult.revoke, Flower) also cancels in roger state."""
+    entry = Panel.data.get("revoke")
+    if entry is None or getattr(entry, "_roger", False):
+        return
+
+    def revoke(state: Any, task_id: Any, terminate: bool = False, signal: Any = None,
+               **kwargs: Any) -> Any:
+        reply = entry(state, task_id, terminate=terminate, signal=signal, **kwargs)
+        admission = _admission(state)
+        if admission is not None:
+            ids = [task_id] if isinstance(task_id, str) else list(task_id or ())
+            admission.revoked_ids.extend(str(i) for i in ids)
+            if admission.lease is not None:
+                admission.lease.wakeup.set()
+        return reply
+
+    revoke._roger = True  # type: ignore[attr-defined]
+    revoke.__doc__ = entry.__doc__
+    Panel.data["revoke"] = revoke
+
+
+_wrap_celery_revoke()
