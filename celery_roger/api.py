@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from celery import Celery
 
@@ -14,6 +15,7 @@ from .worker import finish_job, hand_off, job_header, job_keys, publish_due
 logger = logging.getLogger("celery_roger")
 
 KEY_KINDS = ("queue", "execution")
+PAUSE_SETTLE_SECONDS = 0.1
 
 
 class Roger:
@@ -58,7 +60,7 @@ class Roger:
             if job_header(headers).get("q") != queue:
                 continue
             ek, qk = job_keys(headers)
-            if self.store.drop_parked(job_id, execution_key=ek, queue_key=qk):
+            if self.store.drop_parked(job_id, execution_key=ek, queue_key=qk, queue=queue):
                 removed += 1
         with self.app.connection_for_write() as conn:
             channel = conn.default_channel
@@ -101,6 +103,9 @@ class Roger:
             raise ValueError(f"reason must be a str, got {reason!r}")
         self.store.pause(queue, reason)
         self.app.control.broadcast("roger_pause", arguments={"queue": queue}, reply=False)
+        # A job that passed its start check just before the pause is starting, not
+        # waiting: give such jobs a moment to begin, so none begins after this returns.
+        time.sleep(PAUSE_SETTLE_SECONDS)
 
     def resume(self, queue: str) -> int:
         """Resume ``queue``; returns how many held jobs were published again."""

@@ -115,6 +115,7 @@ class Store:
         self.k_cancel_reports = k + "cancel_reports"
         self.k_paused, self.k_paused_msg, self.k_paused_lists = (
             k + "paused", k + "paused_msg", k + "paused_lists")
+        self.k_parked_count = k + "parked_count"
         self.cancel_ttl_ms = int(settings.cancel_ttl * 1000)
 
     def __repr__(self) -> str:
@@ -161,7 +162,7 @@ class Store:
         reply = self._scripts["admit"](
             keys=[self.k_workers, self.k_running, self.k_held, self.k_msg, self.k_promoting,
                   self.parked_key(execution_key), self.k_cancelled, self.k_cancel_reported,
-                  self.k_paused],
+                  self.k_paused, self.k_parked_count],
             args=[job_id, instance, self.lease_ms, execution_key, _dumps(info),
                   _dumps(message) if execution_key else "", info.get("queue") or ""],
         )
@@ -190,7 +191,7 @@ class Store:
         """End a job's attempt: whether it was running, and the parked job promoted."""
         reply = self._scripts["finish"](
             keys=[self.k_running, self.k_held, self.k_msg, self.k_promoting, self.k_qkeys,
-                  self.k_qk_pending, self.parked_key(execution_key)],
+                  self.k_qk_pending, self.parked_key(execution_key), self.k_parked_count],
             args=[job_id, execution_key, queue_key, self.grace_ms, "1" if force else "0"],
         )
         promotion = Promotion(_text(reply[1]), json.loads(reply[2])) if len(reply) > 1 else None
@@ -244,7 +245,8 @@ class Store:
         running, where = self._scripts["cancel"](
             keys=[self.k_cancelled, self.k_cancel_reported, self.k_cancel_reports,
                   self.k_retry, self.k_retry_msg, self.k_msg, self.k_promoting,
-                  self.k_paused_msg, self.k_qkeys, self.k_qk_pending, self.k_running],
+                  self.k_paused_msg, self.k_qkeys, self.k_qk_pending, self.k_running,
+                  self.k_parked_count],
             args=[job_id, self.cancel_ttl_ms, self.prefix],
         )
         return (json.loads(running) if running else None), _text(where)
@@ -359,11 +361,13 @@ class Store:
 
     # -- operator actions ------------------------------------------------------------
 
-    def drop_parked(self, job_id: str, *, execution_key: str, queue_key: str = "") -> bool:
+    def drop_parked(self, job_id: str, *, execution_key: str, queue_key: str = "",
+                    queue: str = "") -> bool:
         return bool(
             self._scripts["drop_parked"](
-                keys=[self.parked_key(execution_key), self.k_msg, self.k_qkeys, self.k_qk_pending],
-                args=[job_id, queue_key],
+                keys=[self.parked_key(execution_key), self.k_msg, self.k_qkeys, self.k_qk_pending,
+                      self.k_parked_count],
+                args=[job_id, queue_key, queue],
             )
         )
 

@@ -6,7 +6,7 @@
 --       held (hash execution key -> job), msg (hash job -> message json),
 --       promoting (zset job -> deadline), parked (list of job ids for this execution key),
 --       cancelled (zset job -> expiry), cancel_reported (zset job -> expiry),
---       paused (hash queue -> info json)
+--       paused (hash queue -> info json), parked_count (hash queue -> parked jobs)
 -- ARGV: job id, worker instance, lease_ms, execution key or '', info json, message json,
 --       queue
 -- A cancelled job is refused first ({'cancelled', 1 if this call claims its on_cancel}),
@@ -35,6 +35,7 @@ if ekey ~= '' then
   if holder and not mine then
     redis.call('HSET', KEYS[4], job, ARGV[6])
     local position = redis.call('RPUSH', KEYS[6], job)
+    redis.call('HINCRBY', KEYS[10], ARGV[7], 1)
     return {'parked', position, holder}
   end
   if mine then

@@ -2,7 +2,7 @@
 -- waits in Redis (for its retry, parked on an execution key, held by a paused queue),
 -- releasing its queue key. A worker's tick then reports it (on_cancel) exactly once.
 -- KEYS: cancelled, cancel_reported, cancel_reports (list), retry, retry_msg, msg,
---       promoting, paused_msg, qkeys, qk_pending, running
+--       promoting, paused_msg, qkeys, qk_pending, running, parked_count
 -- ARGV: job id, ttl_ms, key prefix (for parked:<execution key> and pausedjobs:<queue>)
 -- Returns {running info json or '', where it waited or ''}.
 local t = redis.call('TIME')
@@ -46,7 +46,10 @@ else
     stored = redis.call('HGET', KEYS[6], job)
     if stored and not redis.call('ZSCORE', KEYS[7], job) then
       local header = roger_header(stored)
-      if header.ek then redis.call('LREM', ARGV[3] .. 'parked:' .. header.ek, 0, job) end
+      if header.ek and redis.call('LREM', ARGV[3] .. 'parked:' .. header.ek, 0, job) > 0
+          and type(header.q) == 'string' then
+        redis.call('HINCRBY', KEYS[12], header.q, -1)
+      end
       redis.call('HDEL', KEYS[6], job)
       release_qkey(header.qk)
       where = 'parked'

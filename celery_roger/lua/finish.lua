@@ -3,7 +3,8 @@
 -- to the next parked job, whose message the caller then publishes and confirms.
 -- With ARGV[5] == '1' (force), the execution key is released whoever holds it, and
 -- the running record and queue key are left alone.
--- KEYS: running, held, msg, promoting, qkeys, qk_pending, parked (for this execution key)
+-- KEYS: running, held, msg, promoting, qkeys, qk_pending, parked (for this execution key),
+--       parked_count (hash queue -> parked jobs)
 -- ARGV: job id, execution key or '', queue key or '', grace_ms, force
 -- Returns {removed} or {removed, next job id, its message json}; removed is 1 when
 -- this call forgot the job as running (so exactly one caller reports its end).
@@ -32,6 +33,11 @@ while true do
   end
   local message = redis.call('HGET', KEYS[3], nxt)
   if message then
+    local ok, decoded = pcall(cjson.decode, message)
+    local header = ok and decoded.headers and decoded.headers.roger
+    if type(header) == 'table' and type(header.q) == 'string' then
+      redis.call('HINCRBY', KEYS[8], header.q, -1)
+    end
     local t = redis.call('TIME')
     local now = t[1] * 1000 + math.floor(t[2] / 1000)
     redis.call('HSET', KEYS[2], ekey, nxt)
