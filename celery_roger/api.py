@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from celery import Celery
 
+from . import events, inspect
 from .failure import send_entry
 from .job import BuriedJob
 from .runtime import install, runtime
@@ -119,6 +121,28 @@ class Roger:
     def paused_queues(self) -> set[str]:
         return set(self.store.paused())
 
+    # -- inspection ------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        """A JSON-ready snapshot of roger state (see README, "Inspection")."""
+        return inspect.info(self.app, self.store)
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """Roger's view of one job, with an explanation when it is not running."""
+        if not isinstance(job_id, str) or not job_id:
+            raise ValueError(f"job_id must be a non-empty str, got {job_id!r}")
+        return inspect.job(self.app, self.store, job_id)
+
+    def keys(self, kind: str, prefix: str | None = None, limit: int = 100,
+             cursor: int = 0) -> dict[str, Any]:
+        """A page of held keys of ``kind`` ("queue" or "execution"); pass the returned
+        ``cursor`` to get the next page (0 when done)."""
+        if kind not in KEY_KINDS:
+            raise ValueError(f"kind must be one of {KEY_KINDS}, got {kind!r}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be an int >= 1, got {limit!r}")
+        return inspect.keys(self.store, kind, prefix, limit, cursor)
+
     # -- the buried queue -----------------------------------------------------------------
 
     def buried(self, queue: str | None = None, limit: int = 100,
@@ -177,6 +201,7 @@ class Roger:
             raise
         self.store.unbury(job_id, value.get("queue", ""), queue_key)
         logger.info("Requeued buried job %s[%s]", value.get("task"), job_id)
+        events.send(self.app, "requeued", job_id)
         return True
 
     def purge_buried(self, queue: str | None = None) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 
 from celery import Celery
 from celery.worker import state as worker_state
-from celery.worker.control import Panel, control_command
+from celery.worker.control import Panel, control_command, inspect_command
 from redis.exceptions import RedisError
 
 from .runtime import runtime
@@ -149,3 +149,38 @@ def _wrap_celery_revoke() -> None:
 
 
 _wrap_celery_revoke()
+
+
+@inspect_command()
+def roger(state: Any, **kwargs: Any) -> dict[str, Any]:
+    """This worker's roger view: running roger jobs, keys they hold, paused queues applied."""
+    from .job import job_header
+    from .task import RogerTask
+
+    admission = _admission(state)
+    if admission is None:
+        return {"error": "not a roger worker"}
+    jobs, execution_keys, queue_keys = [], [], []
+    for request in list(worker_state.active_requests):
+        if not isinstance(request.task, RogerTask):
+            continue
+        header = job_header(request.request_dict)
+        jobs.append({"id": request.id, "task": request.name, "queue": header.get("q"),
+                     "pid": request.worker_pid, "started": request.time_start,
+                     "queue_key": header.get("qk"), "execution_key": header.get("ek")})
+        if header.get("ek"):
+            execution_keys.append(header["ek"])
+        if header.get("qk"):
+            queue_keys.append(header["qk"])
+    waiting = [r.id for r in admission.admitted.values() if not r._roger_started]
+    queues = admission.queues
+    return {
+        "instance": admission.instance,
+        "running": jobs,
+        "admitted_waiting_for_slot": waiting,
+        "execution_keys": sorted(execution_keys),
+        "queue_keys": sorted(queue_keys),
+        "paused_applied": sorted(queues.applied or ()),
+        "not_consuming_because_paused": sorted(queues.paused_here),
+        "consumed_at_start": sorted(queues.original or ()),
+    }

@@ -21,6 +21,7 @@ from typing import Any
 from celery import Celery
 from kombu.serialization import loads, prepare_accept_content
 
+from . import events
 from .errors import RetryableError
 from .job import HEADER, Job, job_header
 from .publish import republish
@@ -161,6 +162,7 @@ def record(task: Any, job: Job, context: Any, error: BaseException, traceback: s
         return Decision("fail")
     logger.error("Job %s[%s] buried in queue %r after %d retries: %s", job.task, job.id,
                  job.queue, job.retry_count, describe(error))
+    events.send(task.app, "buried", job.id, queue=job.queue, error=describe(error))
     if dropped:
         logger.error("Buried queue %r is over roger_buried_max=%d: dropped the %d oldest "
                      "(%s)", job.queue, store.settings.buried_max, len(dropped),

@@ -12,6 +12,7 @@ from typing import Any
 from celery import Celery
 from celery.utils import uuid
 
+from . import events
 from .errors import DuplicateJob
 from .job import HEADER
 from .runtime import runtime
@@ -82,8 +83,10 @@ def publish(app: Celery, send: Callable, name: str, args: Any, kwargs: Any,
     if holder is not None:
         if on_duplicate == "existing":
             logger.debug("%s: queue key %r is held by %s; returning it", name, queue_key, holder)
+            events.send(app, "deduplicated", holder, queue_key=queue_key, refused_task=name)
             result_cls = options.get("result_cls") or getattr(task, "AsyncResult", app.AsyncResult)
             return result_cls(holder)
+        events.send(app, "deduplicated", holder, queue_key=queue_key, refused_task=name)
         raise DuplicateJob(queue_key, holder, name)
     try:
         result = send(name, args, kwargs, **options)

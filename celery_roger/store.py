@@ -115,7 +115,7 @@ class Store:
         self.k_cancel_reports = k + "cancel_reports"
         self.k_paused, self.k_paused_msg, self.k_paused_lists = (
             k + "paused", k + "paused_msg", k + "paused_lists")
-        self.k_parked_count = k + "parked_count"
+        self.k_parked_count, self.k_stats = k + "parked_count", k + "stats"
         self.cancel_ttl_ms = int(settings.cancel_ttl * 1000)
 
     def __repr__(self) -> str:
@@ -135,7 +135,8 @@ class Store:
     def take_queue_key(self, queue_key: str, job_id: str) -> str | None:
         """Take ``queue_key`` for ``job_id``; returns the holder's id if it is taken."""
         holder = self._scripts["take_queue_key"](
-            keys=[self.k_qkeys, self.k_qk_pending], args=[queue_key, job_id, self.grace_ms]
+            keys=[self.k_qkeys, self.k_qk_pending, self.k_stats],
+            args=[queue_key, job_id, self.grace_ms],
         )
         return _text(holder) if holder else None
 
@@ -162,7 +163,7 @@ class Store:
         reply = self._scripts["admit"](
             keys=[self.k_workers, self.k_running, self.k_held, self.k_msg, self.k_promoting,
                   self.parked_key(execution_key), self.k_cancelled, self.k_cancel_reported,
-                  self.k_paused, self.k_parked_count],
+                  self.k_paused, self.k_parked_count, self.k_stats],
             args=[job_id, instance, self.lease_ms, execution_key, _dumps(info),
                   _dumps(message) if execution_key else "", info.get("queue") or ""],
         )
@@ -232,13 +233,14 @@ class Store:
     def start(self, job_id: str, queue: str) -> tuple[str, bool]:
         """The check right before a job's body runs: ('run'|'paused'|'cancelled', report)."""
         reply = self._scripts["start"](keys=[self.k_cancelled, self.k_cancel_reported,
-                                             self.k_paused], args=[job_id, queue])
+                                             self.k_paused, self.k_stats], args=[job_id, queue])
         return _text(reply[0]), len(reply) > 1 and bool(int(reply[1]))
 
     def claim_cancel(self, job_id: str) -> bool:
         """Remember ``job_id`` as cancelled; true for the one caller that reports it."""
         return bool(self._scripts["claim_cancel"](
-            keys=[self.k_cancelled, self.k_cancel_reported], args=[job_id, self.cancel_ttl_ms]))
+            keys=[self.k_cancelled, self.k_cancel_reported, self.k_stats],
+            args=[job_id, self.cancel_ttl_ms]))
 
     def cancel(self, job_id: str) -> tuple[dict[str, Any] | None, str]:
         """Cancel: (its running record or None, where it waited in Redis or '')."""
@@ -246,10 +248,14 @@ class Store:
             keys=[self.k_cancelled, self.k_cancel_reported, self.k_cancel_reports,
                   self.k_retry, self.k_retry_msg, self.k_msg, self.k_promoting,
                   self.k_paused_msg, self.k_qkeys, self.k_qk_pending, self.k_running,
-                  self.k_parked_count],
+                  self.k_parked_count, self.k_stats],
             args=[job_id, self.cancel_ttl_ms, self.prefix],
         )
         return (json.loads(running) if running else None), _text(where)
+
+    def stats(self) -> dict[str, int]:
+        """Counters: ``dedup_refused``, ``cancelled``."""
+        return {_text(k): int(v) for k, v in self.redis.hgetall(self.k_stats).items()}
 
     def is_cancelled(self, job_id: str) -> bool:
         expiry = self.redis.zscore(self.k_cancelled, job_id)

@@ -39,6 +39,7 @@ from celery.worker.state import task_ready
 from kombu.utils import json as kombu_json
 from redis.exceptions import RedisError
 
+from . import events
 from .control import QueueControl
 from .errors import JobTimeout, WorkerCrashed
 from .failure import job_from_stored, publish_stored, record
@@ -75,6 +76,7 @@ def hand_off(app: Celery, promotion: Promotion) -> None:
         return
     store.confirm_promoted(promotion.job_id)
     logger.info("Promoted job %s: its execution key was handed to it", promotion.job_id)
+    events.send(app, "promoted", promotion.job_id)
 
 
 def finish_job(app: Celery, job_id: str, *, execution_key: str, queue_key: str) -> bool:
@@ -279,6 +281,8 @@ class Admission:
             "Parked job %s[%s]: execution key %r is held by %s (position %d)",
             request.name, request.id, ek, admission.holder, admission.position,
         )
+        events.send(self.app, "parked", request.id, execution_key=ek, holder=admission.holder,
+                    position=admission.position)
         return self._drop(request)
 
     def _drop(self, request: Any) -> None:
@@ -420,6 +424,7 @@ class WorkerLease(threading.Thread):
             backend.mark_as_revoked(job.id, "cancelled")
         except Exception:
             logger.exception("could not store REVOKED for job %s", job.id)
+        events.send(self.app, "cancelled", job.id)
         runtime(self.app).callbacks.emit(task, "on_cancel", job)
 
     def _orphan(self, info: dict[str, Any]) -> None:
@@ -573,6 +578,7 @@ def _attempt_ended(sender: Any = None, task_id: str = "", retval: Any = None,
     callbacks = runtime(sender.app).callbacks
     if attempt.cancelled:
         if attempt.report_cancel:
+            events.send(sender.app, "cancelled", attempt.job.id)
             callbacks.emit(sender, "on_cancel", attempt.job)
         return
     if attempt.paused:
@@ -610,6 +616,13 @@ def _revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
             admission.report_cancel(sender, job)
         else:
             runtime(sender.app).callbacks.emit(sender, "on_cancel", job)
+
+
+@signals.worker_init.connect(weak=False, dispatch_uid="celery_roger.worker_init")
+def _events_on(sender: Any = None, **_: Any) -> None:
+    """``celery worker -E``: roger's task events are on in this worker and its pool."""
+    if getattr(sender, "task_events", False) and sender.app is not None:
+        sender.app.conf.worker_send_task_events = True
 
 
 @signals.worker_process_init.connect(weak=False, dispatch_uid="celery_roger.process_init")

@@ -6,7 +6,7 @@
 --       held (hash execution key -> job), msg (hash job -> message json),
 --       promoting (zset job -> deadline), parked (list of job ids for this execution key),
 --       cancelled (zset job -> expiry), cancel_reported (zset job -> expiry),
---       paused (hash queue -> info json), parked_count (hash queue -> parked jobs)
+--       paused (hash queue -> info json), parked_count (hash queue -> parked jobs), stats
 -- ARGV: job id, worker instance, lease_ms, execution key or '', info json, message json,
 --       queue
 -- A cancelled job is refused first ({'cancelled', 1 if this call claims its on_cancel}),
@@ -21,7 +21,9 @@ redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
 
 local cancelled = redis.call('ZSCORE', KEYS[7], job)
 if cancelled and tonumber(cancelled) > now then
-  return {'cancelled', redis.call('ZADD', KEYS[8], 'NX', cancelled, job)}
+  local first = redis.call('ZADD', KEYS[8], 'NX', cancelled, job)
+  if first == 1 then redis.call('HINCRBY', KEYS[11], 'cancelled', 1) end
+  return {'cancelled', first}
 end
 if ARGV[7] ~= '' and redis.call('HEXISTS', KEYS[9], ARGV[7]) == 1 then
   return {'paused'}

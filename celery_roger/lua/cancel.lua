@@ -2,7 +2,7 @@
 -- waits in Redis (for its retry, parked on an execution key, held by a paused queue),
 -- releasing its queue key. A worker's tick then reports it (on_cancel) exactly once.
 -- KEYS: cancelled, cancel_reported, cancel_reports (list), retry, retry_msg, msg,
---       promoting, paused_msg, qkeys, qk_pending, running, parked_count
+--       promoting, paused_msg, qkeys, qk_pending, running, parked_count, stats
 -- ARGV: job id, ttl_ms, key prefix (for parked:<execution key> and pausedjobs:<queue>)
 -- Returns {running info json or '', where it waited or ''}.
 local t = redis.call('TIME')
@@ -57,6 +57,7 @@ else
   end
 end
 if where ~= '' and redis.call('ZADD', KEYS[2], 'NX', expiry, job) == 1 then
+  redis.call('HINCRBY', KEYS[13], 'cancelled', 1)
   redis.call('RPUSH', KEYS[3], cjson.encode({job = job, where = where, stored = stored}))
 end
 return {redis.call('HGET', KEYS[11], job) or '', where}

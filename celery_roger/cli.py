@@ -1,0 +1,261 @@
+"""``celery -A proj roger ...``: roger state from the command line.
+
+Registered through Celery's ``celery.commands`` entry point. Read commands take
+``--json``; bad arguments and failures give a one-line error and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import click
+
+from .api import Roger
+from .errors import RogerError
+
+
+def _roger(ctx: click.Context) -> Roger:
+    obj = ctx.find_root().obj
+    app = getattr(obj, "app", None)
+    if app is None:
+        raise click.ClickException("no Celery app: run it as `celery -A proj roger ...`")
+    return Roger(app)
+
+
+def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Every failure is one line and a non-zero exit, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except (ValueError, TypeError, RogerError) as exc:
+            raise click.ClickException(str(exc)) from None
+        except Exception as exc:
+            raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+
+    return wrapper
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float) and value > 1e9:  # a Unix time
+        return datetime.datetime.fromtimestamp(value).strftime("%H:%M:%S")
+    return str(value)
+
+
+def _ago(when: Any) -> str:
+    return "-" if not isinstance(when, (int, float)) else f"{time.time() - when:.0f}s ago"
+
+
+def _emit(data: Any, as_json: bool, human: Callable[[], str]) -> None:
+    click.echo(json.dumps(data, indent=2, default=str) if as_json else human())
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+@click.group(name="roger")
+def roger() -> None:
+    """Roger state: queues, keys, jobs, the buried queue; pause, cancel, requeue."""
+
+
+@roger.command()
+@json_option
+@click.pass_context
+@_guard
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Queues, running jobs, held keys and pending cancellations."""
+    info = _roger(ctx).info()
+
+    def human() -> str:
+        out = [f"partition {info['partition']}", ""]
+        out.append(table(["queue", "depth", "paused", "running", "parked", "held", "buried"], [
+            [q, v["depth"], (f"since {_ago(v['paused_at'])}" + (f" ({v['paused_reason']})"
+                                                                 if v["paused_reason"] else ""))
+             if v["paused"] else False, v["running"], v["parked"], v["held_for_pause"],
+             v["buried"]] for q, v in info["queues"].items()]))
+        running = info["running"]
+        out += ["", f"running roger jobs: {running['count']}"]
+        if running["jobs"]:
+            out.append(table(["id", "task", "queue", "worker", "since", "execution key"], [
+                [j["id"], j["task"], j["queue"], j["worker"], _ago(j["since"]),
+                 j["execution_key"]] for j in running["jobs"]]))
+        keys = info["execution_keys"]
+        out += ["", f"held execution keys: {keys['count']}"]
+        if keys["keys"]:
+            out.append(table(["key", "holder", "worker", "alive", "since", "parked"], [
+                [k["key"], k["holder"], k["worker"], k["worker_alive"], _ago(k["since"]),
+                 k["parked"]] for k in keys["keys"]]))
+        out += ["", f"held queue keys: {info['queue_keys']['count']}",
+                f"waiting retries: {info['retrying']}",
+                f"buried: {info['buried']['count']}",
+                f"pending cancellations: {info['cancellations']['count']}"]
+        return "\n".join(out)
+
+    _emit(info, as_json, human)
+
+
+@roger.command()
+@click.argument("queue")
+@click.option("--reason", default=None, help="Why (shown by status and the dashboard).")
+@click.pass_context
+@_guard
+def pause(ctx: click.Context, queue: str, reason: str | None) -> None:
+    """Pause QUEUE for the whole cluster."""
+    _roger(ctx).pause(queue, reason=reason)
+    click.echo(f"paused {queue}")
+
+
+@roger.command()
+@click.argument("queue")
+@click.pass_context
+@_guard
+def resume(ctx: click.Context, queue: str) -> None:
+    """Resume QUEUE."""
+    released = _roger(ctx).resume(queue)
+    click.echo(f"resumed {queue}" + (f" ({released} held jobs published)" if released else ""))
+
+
+@roger.command()
+@click.argument("job_ids", nargs=-1, required=True)
+@click.pass_context
+@_guard
+def cancel(ctx: click.Context, job_ids: tuple[str, ...]) -> None:
+    """Cancel jobs: they never run (again); running ones are stopped."""
+    r = _roger(ctx)
+    for job_id in job_ids:
+        where = r.cancel(job_id)
+        click.echo(f"cancelled {job_id}" + (f" ({where})" if where else ""))
+
+
+@roger.command()
+@click.option("--kind", type=click.Choice(["queue", "execution"]), default=None,
+              help="Which keys (default: both; --release: queue).")
+@click.option("--prefix", default=None, help="Only keys starting with this.")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--release", "release", default=None, metavar="KEY",
+              help="Force-release KEY (of --kind, default queue).")
+@json_option
+@click.pass_context
+@_guard
+def keys(ctx: click.Context, kind: str | None, prefix: str | None, limit: int,
+         release: str | None, as_json: bool) -> None:
+    """Held keys, or release one."""
+    r = _roger(ctx)
+    if release is not None:
+        holder = r.release_key(kind or "queue", release)
+        click.echo(f"released {kind or 'queue'} key {release!r}"
+                   + (f" (held by {holder})" if holder else " (it was not held)"))
+        return
+    kinds = [kind] if kind else ["queue", "execution"]
+    pages = {k: r.keys(k, prefix=prefix, limit=limit) for k in kinds}
+
+    def human() -> str:
+        rows = [[k, item["key"], item["holder"]] for k, page in pages.items()
+                for item in page["keys"]]
+        return table(["kind", "key", "holder"], rows) if rows else "no keys held"
+
+    _emit(pages, as_json, human)
+
+
+@roger.command()
+@click.argument("job_id")
+@json_option
+@click.pass_context
+@_guard
+def job(ctx: click.Context, job_id: str, as_json: bool) -> None:
+    """One job: where it is, and why it is not running."""
+    view = _roger(ctx).job(job_id)
+
+    def human() -> str:
+        rows = [[k, v] for k, v in view.items() if k != "explanation"]
+        return table(["field", "value"], rows) + f"\n\n{view.get('explanation', '')}"
+
+    _emit(view, as_json, human)
+
+
+@roger.command()
+@click.argument("queue", required=False)
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True)
+@json_option
+@click.pass_context
+@_guard
+def buried(ctx: click.Context, queue: str | None, limit: int, offset: int,
+           as_json: bool) -> None:
+    """Buried jobs, newest first."""
+    jobs = _roger(ctx).buried(queue, limit=limit, offset=offset)
+    data = [vars(j) for j in jobs]
+
+    def human() -> str:
+        if not jobs:
+            return "no buried jobs"
+        return table(["id", "task", "queue", "retries", "buried", "error"], [
+            [j.id, j.task, j.queue, j.retry_count, _ago(j.buried_at), j.error[:60]]
+            for j in jobs])
+
+    _emit(data, as_json, human)
+
+
+@roger.command()
+@click.argument("job_id", required=False)
+@click.option("--queue", default=None, help="With --all: every buried job of QUEUE.")
+@click.option("--all", "all_", is_flag=True, help="Requeue every buried job of --queue.")
+@click.pass_context
+@_guard
+def requeue(ctx: click.Context, job_id: str | None, queue: str | None, all_: bool) -> None:
+    """Publish buried jobs again (same id, retry count 0)."""
+    if job_id is None and not (queue and all_):
+        raise click.UsageError("give a JOB_ID, or --queue QUEUE --all")
+    r = _roger(ctx)
+    count = (r.requeue_buried(job_id) if job_id is not None
+             else r.requeue_buried(queue=queue, all=True))
+    click.echo(f"requeued {count}")
+    if job_id is not None and count == 0:
+        raise click.ClickException(f"{job_id} was not requeued: not buried, or its queue key "
+                                   "is held by another job")
+
+
+@roger.command(name="purge-buried")
+@click.argument("queue", required=False)
+@click.pass_context
+@_guard
+def purge_buried(ctx: click.Context, queue: str | None) -> None:
+    """Delete buried jobs (of QUEUE, or of every queue)."""
+    click.echo(f"purged {_roger(ctx).purge_buried(queue)}")
+
+
+@roger.command()
+@click.option("--address", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=5566, show_default=True)
+@click.option("--token", default=None, help="Token actions require (or roger_dashboard_token).")
+@click.pass_context
+@_guard
+def dashboard(ctx: click.Context, address: str, port: int, token: str | None) -> None:
+    """Serve the web dashboard (read-only without a token)."""
+    try:
+        from .dashboard import serve
+    except ImportError as exc:
+        raise click.ClickException(
+            f'the dashboard needs its extras: pip install "celery-roger[dashboard]" ({exc})'
+        ) from None
+    serve(_roger(ctx), address=address, port=port, token=token)
