@@ -65,7 +65,7 @@ def info(app: Celery, store: Store) -> dict[str, Any]:
     pipe.hlen(store.k_qkeys)
     pipe.hscan(store.k_qkeys, 0, count=LIST_CAP)
     pipe.zcard(store.k_cancelled)
-    pipe.zrangebyscore(store.k_cancelled, now_ms, "+inf", start=0, num=LIST_CAP)
+    pipe.zrevrangebyscore(store.k_cancelled, "+inf", now_ms, start=0, num=LIST_CAP)
     pipe.zcard(store.k_retry)
     pipe.hlen(store.k_msg)
     pipe.hlen(store.k_buried_msg)
@@ -146,7 +146,8 @@ def info(app: Celery, store: Store) -> dict[str, Any]:
         "retrying": int(retry_count),
         "buried": {"count": int(buried_total),
                    "dropped": {_text(q): int(n) for q, n in dropped.items()}},
-        "cancellations": {"count": int(cancel_count), "ids": [_text(c) for c in cancels]},
+        "cancellations": {"count": int(cancel_count),  # newest first
+                          "ids": [_text(c) for c in cancels]},
         "workers": [{"instance": i, **leases[i]} for i in instances],
     }
 

@@ -1,0 +1,87 @@
+"""The Celery app the benchmarks publish to and run (configured from the environment)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import redis
+from celery import Celery
+from celery_once import QueueOnce
+from celery_singleton import Singleton
+
+from celery_roger import RogerTask
+
+URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/9")
+
+app = Celery("bench_app", broker=URL, backend=URL)
+app.conf.update(
+    task_default_queue=os.environ.get("BENCH_QUEUE", "bench"),
+    roger_partition="bench",
+    task_ignore_result=True,
+    worker_prefetch_multiplier=4,
+    broker_connection_retry_on_startup=True,
+    ONCE={"backend": "celery_once.backends.Redis",
+          "settings": {"url": URL, "default_timeout": 3600}},
+    singleton_backend_url=URL,
+)
+r = redis.Redis.from_url(URL)
+
+
+def done(counter: str) -> None:
+    r.incr(counter)
+
+
+@app.task
+def plain(counter: str = "") -> None:
+    if counter:
+        done(counter)
+
+
+@app.task(base=RogerTask)
+def roger_nokey(counter: str = "") -> None:
+    if counter:
+        done(counter)
+
+
+@app.task(base=RogerTask, queue_key=lambda counter="", n=0: f"q:{n}")
+def roger_qk(counter: str = "", n: int = 0) -> None:
+    if counter:
+        done(counter)
+
+
+@app.task(base=RogerTask, execution_key=lambda counter="", n=0: f"e:{n}")
+def roger_ek(counter: str = "", n: int = 0) -> None:
+    if counter:
+        done(counter)
+
+
+@app.task(base=QueueOnce, once={"graceful": True})
+def once(counter: str = "", n: int = 0) -> None:
+    pass
+
+
+@app.task(base=Singleton)
+def singleton(counter: str = "", n: int = 0) -> None:
+    pass
+
+
+@app.task(base=RogerTask, execution_key="hot")
+def hot(run: str, i: int) -> None:
+    """One job of a hot execution key: record its start and end."""
+    r.rpush(f"hot:{run}", f"s {i} {time.time()}")
+    time.sleep(0.01)
+    r.rpush(f"hot:{run}", f"e {i} {time.time()}")
+
+
+@app.task(bind=True, max_retries=None)
+def hot_workaround(self, run: str, i: int) -> None:
+    """What users write today: a Redis lock, and retry with a countdown while it is held."""
+    if not r.set("workaround-lock", self.request.id, nx=True, ex=60):
+        raise self.retry(countdown=0.05)
+    try:
+        r.rpush(f"hot:{run}", f"s {i} {time.time()}")
+        time.sleep(0.01)
+        r.rpush(f"hot:{run}", f"e {i} {time.time()}")
+    finally:
+        r.delete("workaround-lock")
