@@ -85,3 +85,10 @@ def hot_workaround(self, run: str, i: int) -> None:
         r.rpush(f"hot:{run}", f"e {i} {time.time()}")
     finally:
         r.delete("workaround-lock")
+
+
+@app.task(acks_late=True)
+def plain_late(counter: str = "") -> None:
+    """Plain Celery with late ack, as RogerTask has by default."""
+    if counter:
+        done(counter)

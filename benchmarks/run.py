@@ -32,6 +32,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer jobs and rounds")
     parser.add_argument("--json", default=str(HERE / "results.json"))
+    parser.add_argument("--only", choices=["publish", "throughput", "handoff", "commands"],
+                        help="run one part")
     opts = parser.parse_args()
     rounds = 3 if opts.quick else 5
     n_publish = 1000 if opts.quick else 2000
@@ -47,6 +49,9 @@ def main() -> int:
         results: dict = {"machine": {"python": platform.python_version(),
                                      "cpus": os.cpu_count(), "platform": platform.platform()}}
 
+        def part(name: str) -> bool:
+            return opts.only in (None, name)
+
         # -- publish cost -------------------------------------------------------------
         variants = {
             "plain Celery": lambda i: b.plain.delay(),
@@ -55,10 +60,10 @@ def main() -> int:
             "celery-once QueueOnce": lambda i: b.once.delay(n=i),
             "celery-singleton Singleton": lambda i: b.singleton.delay(n=i),
         }
-        rates: dict[str, list[float]] = {k: [] for k in variants}
+        rates: dict[str, list[float]] = {k: [] for k in variants if part("publish")}
         for k, fn in enumerate(variants.values()):  # warm up connections and scripts
             fn(10_000_000 + k)
-        for rnd in range(rounds):
+        for rnd in range(rounds if part("publish") else 0):
             for name, fn in variants.items():
                 offset = (rnd + 1) * 1_000_000 + list(variants).index(name) * 100_000
                 start = time.perf_counter()
@@ -71,10 +76,11 @@ def main() -> int:
 
         # -- worker throughput ---------------------------------------------------------
         env = {"BENCH_REDIS_URL": server.url, "PYTHONPATH": str(HERE)}
-        kinds = {"plain Celery": b.plain, "RogerTask, no key": b.roger_nokey,
+        kinds = {"plain Celery": b.plain, "plain Celery, acks_late=True": b.plain_late,
+                 "RogerTask, no key": b.roger_nokey,
                  "RogerTask, distinct execution keys": b.roger_ek}
-        throughput: dict[str, list[float]] = {k: [] for k in kinds}
-        for _ in range(max(2, rounds - 2)):
+        throughput: dict[str, list[float]] = {k: [] for k in kinds if part("throughput")}
+        for _ in range(max(2, rounds - 2) if part("throughput") else 0):
             for name, task in kinds.items():
                 queue = f"tp-{uuid.uuid4().hex[:6]}"
                 counter = f"count:{queue}"
@@ -102,6 +108,8 @@ def main() -> int:
         handoff: dict[str, list[float]] = {}
         for name, task in (("roger execution key", b.hot),
                            ("lock + retry(countdown=0.05)", b.hot_workaround)):
+            if not part("handoff"):
+                break
             run = uuid.uuid4().hex[:6]
             queue = f"hot-{run}"
             worker = WorkerProcess("bench_app", concurrency=4, queues=[queue], env=env,
@@ -143,7 +151,7 @@ def main() -> int:
             return {k.replace("cmdstat_", ""): after[k] - before.get(k, 0) for k in after
                     if after[k] - before.get(k, 0)}
 
-        n = 2000
+        n = 2000 if part("commands") else 0
         before = calls()
         for i in range(n):
             b.roger_qk.delay(n=20_000_000 + i)
@@ -155,22 +163,24 @@ def main() -> int:
         before = calls()
         started = time.monotonic()
         worker = WorkerProcess("bench_app", concurrency=2, queues=[queue], env=env,
-                               cwd=str(HERE)).start()
+                               cwd=str(HERE)).start() if n else None
         try:
-            while int(r.get(counter) or 0) < n:
+            while n and int(r.get(counter) or 0) < n:
                 time.sleep(0.01)
             run_cmds = diff(before, calls())
             alive = time.monotonic() - started
         finally:
-            worker.stop()
+            if worker is not None:
+                worker.stop()
         scripts = run_cmds.get("evalsha", 0) + run_cmds.get("eval", 0)
-        results["redis_commands"] = {
+        results["redis_commands"] = {} if not n else {
             "publish with a queue key: script calls (round trips) per job":
-                (pub.get("evalsha", 0) + pub.get("eval", 0)) / n,
+                (pub.get("evalsha", 0) + pub.get("eval", 0)) / max(n, 1),
             "run with an execution key: script calls (round trips) per job, without the "
-            f"~{alive:.0f} lease ticks": round((scripts - alive) / n, 2),
+            f"~{alive:.0f} lease ticks": round((scripts - alive) / max(n, 1), 2),
             "run: every command per job (Lua-internal ones included; the counter INCR "
-            "and GET are the benchmark's)": {k: round(v / n, 2) for k, v in run_cmds.items()},
+            "and GET are the benchmark's)": {k: round(v / max(n, 1), 2)
+                                              for k, v in run_cmds.items()},
         }
 
     Path(opts.json).write_text(json.dumps(results, indent=2))
@@ -180,6 +190,17 @@ def main() -> int:
 
 
 def print_table(res: dict) -> None:
+    if res["publish"]:
+        print_publish(res)
+    if res["throughput"]:
+        print_throughput(res)
+    if res["handoff"]:
+        print_rest(res, "handoff")
+    if res["redis_commands"]:
+        print_rest(res, "commands")
+
+
+def print_publish(res: dict) -> None:
     pub = res["publish"]
     base = pub["plain Celery"]["median"]
     print("\nPublish (jobs/s, higher is better)")
@@ -187,6 +208,9 @@ def print_table(res: dict) -> None:
     for name, s in pub.items():
         print(f"  {name:34} {s['median']:8.0f} {s['min']:8.0f}..{s['max']:<8.0f} "
               f"{base / s['median']:13.2f}x")
+
+
+def print_throughput(res: dict) -> None:
     tp = res["throughput"]
     base = tp["plain Celery"]["median"]
     print("\nWorker throughput, prefork -c 2 (jobs/s, higher is better)")
@@ -194,13 +218,18 @@ def print_table(res: dict) -> None:
     for name, s in tp.items():
         print(f"  {name:34} {s['median']:8.0f} {s['min']:8.0f}..{s['max']:<8.0f} "
               f"{s['median'] / base:8.2f}x")
+
+
+def print_rest(res: dict, which: str) -> None:
+    if which == "commands":
+        print("\nRedis commands per job")
+        for k, v in res["redis_commands"].items():
+            print(f"  {k}: {v}")
+        return
     print("\nOne hot execution key, 200 jobs of 10 ms, -c 4: end of one job -> start of next")
     for name, h in res["handoff"].items():
         print(f"  {name:34} p50 {h['p50_ms']:7.1f} ms   p99 {h['p99_ms']:7.1f} ms   "
               f"max running at once {h['max_concurrent']}")
-    print("\nRedis commands per job")
-    for k, v in res["redis_commands"].items():
-        print(f"  {k}: {v}")
 
 
 if __name__ == "__main__":

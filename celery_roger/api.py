@@ -10,14 +10,14 @@ from celery import Celery
 
 from . import events, inspect
 from .failure import send_entry
-from .job import BuriedJob
+from .job import FRESH_ADMISSION_SECONDS, BuriedJob
 from .runtime import install, runtime
 from .worker import finish_job, hand_off, job_header, job_keys, publish_due
 
 logger = logging.getLogger("celery_roger")
 
 KEY_KINDS = ("queue", "execution")
-PAUSE_SETTLE_SECONDS = 0.1
+PAUSE_SETTLE_SECONDS = 0.1  # > FRESH_ADMISSION_SECONDS
 
 
 class Roger:
@@ -93,6 +93,10 @@ class Roger:
         # Every worker drops copies delivered to it; the one running it kills it.
         self.app.control.broadcast("roger_cancel", arguments={"job_ids": [job_id]},
                                    reply=False)
+        if running:
+            # Admitted somewhere: wait out the window in which it may start without its
+            # start check (it is killed as it starts), so none starts after this returns.
+            time.sleep(FRESH_ADMISSION_SECONDS)
         return "running" if running else where
 
     # -- pause and resume ----------------------------------------------------------------

@@ -109,11 +109,18 @@ def roger_cancel(state: Any, job_ids: list[str], **kwargs: Any) -> dict[str, Any
     ids = {str(j) for j in job_ids}
     worker_state.revoked.update(ids)  # Celery drops copies delivered later (task_revoked)
     killed, cooperative = [], []
+    admission = _admission(state)
+    for job_id in ids:
+        waiting = admission.admitted.get(job_id) if admission is not None else None
+        if waiting is not None and not waiting._roger_started:
+            # Admitted, waiting for a pool slot: its start check drops it, or, if it
+            # starts too soon after admission to check, it is killed as it starts.
+            waiting._roger_cancel_on_start = True
     for request in list(worker_state.active_requests):
         if request.id not in ids or not isinstance(request.task, RogerTask):
             continue
         if not request.time_start:
-            # Accepted by the pool but not started: its own start check drops it.
+            request._roger_cancel_on_start = True
             continue
         try:
             request.terminate(state.consumer.pool, signal=signal.SIGKILL)

@@ -10,6 +10,11 @@ from typing import Any
 #: key, "ek": execution key, "rc": retry count}.
 HEADER = "roger"
 
+#: A job that starts within this many seconds of its admission skips the start check
+#: (nothing it checks can have changed unseen: pause() and cancel() wait this long, and a
+#: cancel kills such a job as it starts). Later starts check again.
+FRESH_ADMISSION_SECONDS = 0.05
+
 
 def job_header(request: Any) -> dict[str, Any]:
     """The ``roger`` header of a request dict, Context or message headers ({} if absent)."""

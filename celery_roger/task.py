@@ -13,7 +13,7 @@ from . import keys
 from .config import retry_levels
 from .errors import ConfigurationError, JobTimeout
 from .failure import Decision, format_traceback, publish_entry, record
-from .job import Job
+from .job import FRESH_ADMISSION_SECONDS, Job
 from .publish import UNSET
 from .runtime import install, runtime
 
@@ -96,12 +96,16 @@ class RogerTask(Task):
         # task_postrun hook, after Celery has stored the result.
         rt = runtime(self.app)
         attempt = request._roger_attempt = Attempt(Job.from_request(request))
-        # What changed since admission: a cancel, or a pause of the job's queue.
-        outcome, report = rt.store.start(request.id, attempt.job.queue)
-        if outcome == "cancelled":
-            self._roger_cancelled(attempt, request, report)
-        if outcome == "paused":
-            self._roger_hold_for_pause(attempt, request)
+        # What changed since admission (a cancel, a pause of the job's queue), unless the
+        # job was admitted a moment ago (see FRESH_ADMISSION_SECONDS).
+        admitted = getattr(request, "roger_admitted", None)
+        if not isinstance(admitted, float) or \
+                time.monotonic() - admitted >= FRESH_ADMISSION_SECONDS:
+            outcome, report = rt.store.start(request.id, attempt.job.queue)
+            if outcome == "cancelled":
+                self._roger_cancelled(attempt, request, report)
+            if outcome == "paused":
+                self._roger_hold_for_pause(attempt, request)
         attempt.states = rt.callbacks.before_run(self, attempt.job)
         try:
             result = super().__call__(*args, **kwargs)

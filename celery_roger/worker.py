@@ -43,7 +43,7 @@ from . import events
 from .control import QueueControl
 from .errors import JobTimeout, WorkerCrashed
 from .failure import job_from_stored, publish_stored, record
-from .job import Job, job_header
+from .job import FRESH_ADMISSION_SECONDS, Job, job_header
 from .publish import capture, republish
 from .runtime import runtime
 from .store import DueRetry, Promotion, loads
@@ -118,6 +118,8 @@ class RogerRequest(Request):
     _roger_lease_lost = False
     _roger_ended = False
     _roger_retried = False
+    _roger_admitted = 0.0
+    _roger_cancel_on_start = False
 
     def on_accepted(self, pid: int, time_accepted: float) -> None:
         super().on_accepted(pid, time_accepted)
@@ -126,6 +128,16 @@ class RogerRequest(Request):
         if self._roger_lease_lost:
             # The worker lost its lease while this job waited for a pool slot.
             _kill(self)
+        elif self._roger_cancel_on_start and \
+                time_accepted - self._roger_admitted < FRESH_ADMISSION_SECONDS:
+            # Cancelled while it waited for this slot, and fresh enough to start without
+            # its start check: stop it now.
+            try:
+                self.terminate(self._roger_pool, signal=signal.SIGKILL)
+            except NotImplementedError:
+                logger.warning("Job %s was cancelled as it started; the %s pool cannot stop "
+                               "it: it is reported cancelled when it returns", self.id,
+                               type(self._roger_pool).__name__)
 
     def on_retry(self, exc_info: Any) -> None:
         super().on_retry(exc_info)
@@ -258,6 +270,8 @@ class Admission:
                                      time.monotonic() + self.store.settings.lease_seconds))
         if admission.outcome == "run":
             request._roger_pool = self.consumer.pool
+            request._roger_admitted = request._request_dict["roger_admitted"] = \
+                time.monotonic()
             self.admitted[request.id] = request
             return self.handle(request)
         if admission.outcome == "cancelled":
