@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from kombu.utils import json as kombu_json
 
 #: The message header roger adds at publish: {"q": queue, "at": publish time, "qk": queue
 #: key, "ek": execution key, "rc": retry count}.
@@ -20,6 +23,21 @@ def job_header(request: Any) -> dict[str, Any]:
     """The ``roger`` header of a request dict, Context or message headers ({} if absent)."""
     job = request.get(HEADER) if isinstance(request, dict) else getattr(request, HEADER, None)
     return job if isinstance(job, dict) else {}
+
+
+MAX_RECORDED_ARGS = 8192
+
+
+def small_arguments(args: Any, kwargs: Any) -> dict[str, Any]:
+    """A running job's args and kwargs, for its record in Redis (omitted when large)."""
+    try:
+        raw = kombu_json.dumps([args, kwargs])
+    except Exception:
+        return {}
+    if len(raw) > MAX_RECORDED_ARGS:
+        return {}
+    args, kwargs = json.loads(raw)
+    return {"args": args, "kwargs": kwargs}
 
 
 def _key(value: Any) -> str | None:

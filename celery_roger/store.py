@@ -85,6 +85,8 @@ class TickResult:
     paused: set[str]
     #: Queues no longer paused that still have held jobs (a late park): to release.
     stale_paused: list[str]
+    #: Earlier attempts of redelivered jobs, whose worker has now died: to report.
+    crashed: list[dict[str, Any]]
 
 
 class Store:
@@ -116,6 +118,7 @@ class Store:
         self.k_paused, self.k_paused_msg, self.k_paused_lists = (
             k + "paused", k + "paused_msg", k + "paused_lists")
         self.k_parked_count, self.k_stats = k + "parked_count", k + "stats"
+        self.k_crash_checks, self.k_crash_info = k + "crash_checks", k + "crash_info"
         self.cancel_ttl_ms = int(settings.cancel_ttl * 1000)
 
     def __repr__(self) -> str:
@@ -203,11 +206,12 @@ class Store:
         self.redis.zrem(self.k_promoting, job_id)
 
     def tick(self, instance: str = "", *, deregister: bool = False) -> TickResult:
-        orphans, republish, freed, due, next_due, reports, paused, stale = self._scripts["tick"](
+        (orphans, republish, freed, due, next_due, reports, paused, stale,
+         crashed) = self._scripts["tick"](
             keys=[self.k_workers, self.k_running, self.k_promoting, self.k_msg, self.k_qkeys,
                   self.k_qk_pending, self.k_retry, self.k_retry_msg, self.k_cancelled,
                   self.k_cancel_reported, self.k_cancel_reports, self.k_paused,
-                  self.k_paused_lists],
+                  self.k_paused_lists, self.k_crash_checks, self.k_crash_info],
             args=[instance, self.lease_ms, self.grace_ms, "1" if deregister else "0"],
         )
         return TickResult(
@@ -222,6 +226,7 @@ class Store:
             cancel_reports=[loads(report) for report in reports],
             paused={_text(q) for q in paused},
             stale_paused=[_text(q) for q in stale],
+            crashed=[json.loads(c) for c in crashed],
         )
 
     def take_due(self, limit: int = 100) -> list[DueRetry]:
@@ -230,11 +235,19 @@ class Store:
 
     # -- cancellation and pause ---------------------------------------------------------
 
-    def start(self, job_id: str, queue: str) -> tuple[str, bool]:
-        """The check right before a job's body runs: ('run'|'paused'|'cancelled', report)."""
-        reply = self._scripts["start"](keys=[self.k_cancelled, self.k_cancel_reported,
-                                             self.k_paused, self.k_stats], args=[job_id, queue])
-        return _text(reply[0]), len(reply) > 1 and bool(int(reply[1]))
+    def start(self, job_id: str, queue: str, info: dict[str, Any] | None = None,
+              instance: str = "") -> tuple[str, bool, dict[str, Any] | None]:
+        """The check right before a job's body runs, and the admission of a job without
+        an execution key (``info``): (outcome, report its cancel, crashed earlier attempt).
+        """
+        reply = self._scripts["start"](
+            keys=[self.k_cancelled, self.k_cancel_reported, self.k_paused, self.k_stats,
+                  self.k_workers, self.k_running, self.k_crash_checks, self.k_crash_info],
+            args=[job_id, queue, _dumps(info) if info else "", instance])
+        outcome = _text(reply[0])
+        if outcome == "cancelled":
+            return outcome, bool(int(reply[1])), None
+        return outcome, False, json.loads(reply[1]) if len(reply) > 1 else None
 
     def claim_cancel(self, job_id: str) -> bool:
         """Remember ``job_id`` as cancelled; true for the one caller that reports it."""

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from celery import Celery, Task
 from celery.exceptions import Ignore, Reject, Retry
+from redis.exceptions import RedisError
 
 from . import keys
 from .config import retry_levels
 from .errors import ConfigurationError, JobTimeout
 from .failure import Decision, format_traceback, publish_entry, record
-from .job import FRESH_ADMISSION_SECONDS, Job
+from .job import FRESH_ADMISSION_SECONDS, Job, small_arguments
 from .publish import UNSET
 from .runtime import install, runtime
+
+logger = logging.getLogger("celery_roger")
 
 
 @dataclass
@@ -95,13 +100,34 @@ class RogerTask(Task):
         # end of the attempt (keys, then after_run / on_error / on_buried) is in the
         # task_postrun hook, after Celery has stored the result.
         rt = runtime(self.app)
-        attempt = request._roger_attempt = Attempt(Job.from_request(request))
+        job = Job.from_request(request)
+        attempt = request._roger_attempt = Attempt(job)
         # What changed since admission (a cancel, a pause of the job's queue), unless the
-        # job was admitted a moment ago (see FRESH_ADMISSION_SECONDS).
+        # job was admitted a moment ago (see FRESH_ADMISSION_SECONDS). A job without an
+        # execution key is admitted here, in its own process, off the worker's event loop.
         admitted = getattr(request, "roger_admitted", None)
-        if not isinstance(admitted, float) or \
+        if job.execution_key is None or not isinstance(admitted, float) or \
                 time.monotonic() - admitted >= FRESH_ADMISSION_SECONDS:
-            outcome, report = rt.store.start(request.id, attempt.job.queue)
+            info = None
+            instance = getattr(request, "roger_instance", None) or ""
+            if job.execution_key is None and instance:
+                info = {"job": job.id, "task": job.task, "instance": instance,
+                        "worker": request.hostname, "pid": os.getpid(), "ek": "",
+                        "qk": job.queue_key or "", "queue": job.queue,
+                        "admitted_at": job.started_at, **small_arguments(args, kwargs)}
+            try:
+                outcome, report, crashed = rt.store.start(request.id, job.queue, info,
+                                                          instance)
+            except RedisError as exc:
+                # Neither run nor dropped: back to the broker, after a pause.
+                logger.error("Cannot start job %s[%s] (Redis: %s); it goes back to its "
+                             "queue", job.task, job.id, exc)
+                time.sleep(1.0)
+                raise Reject(exc, requeue=True) from exc
+            if crashed is not None:
+                from .worker import report_crash
+
+                report_crash(self.app, crashed)
             if outcome == "cancelled":
                 self._roger_cancelled(attempt, request, report)
             if outcome == "paused":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import json
 import logging
 import os
 import signal
@@ -36,14 +35,13 @@ from celery.utils.saferepr import saferepr as safe_repr
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 from celery.worker.state import task_ready
-from kombu.utils import json as kombu_json
 from redis.exceptions import RedisError
 
 from . import events
 from .control import QueueControl
 from .errors import JobTimeout, WorkerCrashed
 from .failure import job_from_stored, publish_stored, record
-from .job import FRESH_ADMISSION_SECONDS, Job, job_header
+from .job import FRESH_ADMISSION_SECONDS, Job, job_header, small_arguments
 from .publish import capture, republish
 from .runtime import runtime
 from .store import DueRetry, Promotion, loads
@@ -247,13 +245,18 @@ class Admission:
 
     def admit(self, request: Any) -> Any:
         ek, qk = job_keys(request.request_dict)
+        request._request_dict["roger_instance"] = self.instance
+        if not ek:
+            # Nothing to park it behind: it is admitted by its start check, in the job's
+            # own process, so this event loop makes no Redis call for it.
+            return self.handle(request)
         queue = job_header(request.request_dict).get("q")
         info = {
             "job": request.id, "task": request.name, "instance": self.instance,
             "worker": self.hostname, "pid": os.getpid(), "ek": ek, "qk": qk,
             "queue": queue if isinstance(queue, str) and queue
             else request.delivery_info.get("routing_key") or "",
-            "admitted_at": time.time(), **_arguments(request),
+            "admitted_at": time.time(), **small_arguments(request.args, request.kwargs),
         }
         try:
             admission = self.store.admit(
@@ -327,19 +330,19 @@ class Admission:
                 del self.admitted[job_id]
 
 
-MAX_RECORDED_ARGS = 8192
-
-
-def _arguments(request: Any) -> dict[str, Any]:
-    """A running job's args and kwargs, for its record in Redis (omitted when large)."""
-    try:
-        raw = kombu_json.dumps([request.args, request.kwargs])
-    except Exception:
-        return {}
-    if len(raw) > MAX_RECORDED_ARGS:
-        return {}
-    args, kwargs = json.loads(raw)
-    return {"args": args, "kwargs": kwargs}
+def report_crash(app: Celery, info: dict[str, Any]) -> None:
+    """Report (on_error, WorkerCrashed) an attempt whose worker died."""
+    job_id = str(info.get("job"))
+    task = app.tasks.get(str(info.get("task")))
+    if task is None:
+        return
+    job = Job(id=job_id, task=task.name, args=tuple(info.get("args") or ()),
+              kwargs=dict(info.get("kwargs") or {}), queue=str(info.get("queue") or ""),
+              queue_key=_key(info.get("qk")) or None,
+              execution_key=_key(info.get("ek")) or None,
+              started_at=float(info.get("admitted_at") or 0))
+    error = WorkerCrashed(f"worker {info.get('worker')} stopped renewing its lease")
+    runtime(app).callbacks.emit(task, "on_error", job, None, error=error, traceback=None)
 
 
 class WorkerLease(threading.Thread):
@@ -401,6 +404,10 @@ class WorkerLease(threading.Thread):
         for info in result.orphans:
             self._orphan(info)
         self._check_redelivered()
+        for info in result.crashed:
+            logger.warning("Job %s was redelivered: its attempt on %s ended with that worker",
+                           info.get("job"), info.get("worker"))
+            report_crash(self.app, info)
         publish_due(self.app, result.due_retries)
         self.admission.queues.reconcile(result.paused)
         for queue in result.stale_paused:
@@ -447,7 +454,7 @@ class WorkerLease(threading.Thread):
         logger.warning("Job %s was running on %s, whose lease expired: releasing its keys",
                        job_id, info.get("worker"))
         if _finish_quietly(self.app, job_id, _key(info.get("ek")), _key(info.get("qk"))):
-            self._report_crash(info)  # else another worker's tick reported it
+            report_crash(self.app, info)  # else another worker's tick reported it
 
     def _check_redelivered(self) -> None:
         """Report the crash behind a redelivery once the earlier worker is known dead."""
@@ -465,21 +472,7 @@ class WorkerLease(threading.Thread):
                 return
             logger.warning("Job %s was redelivered: its attempt on %s ended with that worker",
                            info.get("job"), info.get("worker"))
-            self._report_crash(info)
-
-    def _report_crash(self, info: dict[str, Any]) -> None:
-        job_id = str(info.get("job"))
-        task = self.app.tasks.get(str(info.get("task")))
-        if task is None:
-            return
-        job = Job(id=job_id, task=task.name, args=tuple(info.get("args") or ()),
-                  kwargs=dict(info.get("kwargs") or {}), queue=str(info.get("queue") or ""),
-                  queue_key=_key(info.get("qk")) or None,
-                  execution_key=_key(info.get("ek")) or None,
-                  started_at=float(info.get("admitted_at") or 0))
-        error = WorkerCrashed(f"worker {info.get('worker')} stopped renewing its lease")
-        runtime(self.app).callbacks.emit(task, "on_error", job, None, error=error,
-                                         traceback=None)
+            report_crash(self.app, info)
 
     def _lose_lease(self, exc: Exception) -> None:
         self.lease_lost = True

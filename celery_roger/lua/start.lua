@@ -1,7 +1,12 @@
 -- Start: the check a job passes in its own process right before its body runs, for
--- what changed after its admission (a cancel, a pause).
--- KEYS: cancelled, cancel_reported, paused, stats
--- ARGV: job id, queue
+-- what changed after its admission (a cancel, a pause). A job without an execution key
+-- is admitted here (info json given): recorded as running under its worker's instance.
+-- KEYS: cancelled, cancel_reported, paused, stats, workers, running, crash_checks (zset
+--       job -> when to check), crash_info (hash job -> earlier attempt's record)
+-- ARGV: job id, queue, info json or '', worker instance
+-- A redelivered job whose earlier attempt was recorded under another, dead instance
+-- returns {'run', that record} (the caller reports the crash); if that instance's lease
+-- still lasts, a tick checks again when it ends.
 -- Returns {'cancelled', 1 if this call claims its on_cancel}, {'paused'} or {'run'}.
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -13,5 +18,21 @@ if cancelled and tonumber(cancelled) > now then
 end
 if ARGV[2] ~= '' and redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then
   return {'paused'}
+end
+if ARGV[3] ~= '' then
+  local previous = redis.call('HGET', KEYS[6], ARGV[1])
+  redis.call('HSET', KEYS[6], ARGV[1], ARGV[3])
+  if previous then
+    local ok, info = pcall(cjson.decode, previous)
+    if ok and info.instance ~= ARGV[4] then
+      local lease = redis.call('ZSCORE', KEYS[5], info.instance)
+      if lease and tonumber(lease) > now then
+        redis.call('ZADD', KEYS[7], tonumber(lease) + 1000, ARGV[1])
+        redis.call('HSET', KEYS[8], ARGV[1], previous)
+        return {'run'}
+      end
+      return {'run', previous}
+    end
+  end
 end
 return {'run'}

@@ -11,11 +11,12 @@
 -- returns the paused queues and the queues whose held jobs wait for no pause any more.
 -- KEYS: workers, running, promoting, msg, qkeys, qk_pending, retry (zset job -> due ms),
 --       retry_msg (hash job -> entry json), cancelled, cancel_reported, cancel_reports,
---       paused, paused_lists
+--       paused, paused_lists, crash_checks, crash_info
 -- ARGV: worker instance or '', lease_ms, grace_ms, '1' to deregister the instance
 -- Returns {{orphan info json, ...}, {job id, message json, ...}, freed queue keys,
 --          {job id, entry json, score, ...}, ms until the next retry is due or -1,
---          {cancel report json, ...}, paused queues, queues with stale held jobs}.
+--          {cancel report json, ...}, paused queues, queues with stale held jobs,
+--          {earlier attempt's record json, ...} of redelivered jobs whose worker died}.
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 if ARGV[1] ~= '' then
@@ -91,4 +92,15 @@ for _, queue in ipairs(paused) do is_paused[queue] = true end
 for _, queue in ipairs(redis.call('SMEMBERS', KEYS[13])) do
   if not is_paused[queue] then table.insert(stale, queue) end
 end
-return {orphans, republish, freed, due, next_due, reports, paused, stale}
+local crashed = {}
+for _, job in ipairs(redis.call('ZRANGEBYSCORE', KEYS[14], '-inf', now, 'LIMIT', 0, 50)) do
+  local previous = redis.call('HGET', KEYS[15], job)
+  redis.call('ZREM', KEYS[14], job)
+  redis.call('HDEL', KEYS[15], job)
+  if previous then
+    local ok, info = pcall(cjson.decode, previous)
+    local lease = ok and redis.call('ZSCORE', KEYS[1], info.instance)
+    if not lease or tonumber(lease) <= now then table.insert(crashed, previous) end
+  end
+end
+return {orphans, republish, freed, due, next_due, reports, paused, stale, crashed}
