@@ -28,8 +28,11 @@ _SCRIPTS = ("take_queue_key", "confirm_queue_key", "release_queue_key", "admit",
 
 
 def _load_scripts() -> dict[str, str]:
+    """Each script's source, with the shared functions of lib.lua in front of it."""
     lua = resources.files("celery_roger").joinpath("lua")
-    return {name: lua.joinpath(f"{name}.lua").read_text(encoding="utf-8") for name in _SCRIPTS}
+    lib = lua.joinpath("lib.lua").read_text(encoding="utf-8")
+    return {name: lib + "\n" + lua.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+            for name in _SCRIPTS}
 
 
 _SOURCES = _load_scripts()

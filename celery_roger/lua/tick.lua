@@ -61,19 +61,7 @@ for _, qkey in ipairs(freed) do
   redis.call('HDEL', KEYS[5], qkey)
   redis.call('ZREM', KEYS[6], qkey)
 end
-local due = {}
-for _, job in ipairs(redis.call('ZRANGEBYSCORE', KEYS[7], '-inf', now, 'LIMIT', 0, 100)) do
-  local entry = redis.call('HGET', KEYS[8], job)
-  if entry then
-    local score = now + grace
-    redis.call('ZADD', KEYS[7], score, job)
-    table.insert(due, job)
-    table.insert(due, entry)
-    table.insert(due, tostring(score))
-  else
-    redis.call('ZREM', KEYS[7], job)
-  end
-end
+local due = take_due(KEYS[7], KEYS[8], now, grace, 100)
 local next_due = -1
 local first = redis.call('ZRANGE', KEYS[7], 0, 0, 'WITHSCORES')
 if #first > 0 then next_due = math.max(0, tonumber(first[2]) - now) end
