@@ -140,8 +140,10 @@ class RogerTask(Task):
         except Exception as exc:
             self._roger_failed(attempt, request, exc, format_traceback(exc))
             raise
-        if not _in_prefork_child() and rt.store.is_cancelled(request.id):
-            # threads / solo could not kill it: it is reported cancelled now.
+        if getattr(request, "_roger_cancel_seen", False) or (
+                not _in_prefork_child() and rt.store.is_cancelled(request.id)):
+            # It saw its cancel and stopped early, or its pool (threads, solo) could not
+            # kill it: it is reported cancelled now, its result discarded.
             self._roger_cancelled(attempt, request, rt.store.claim_cancel(request.id))
         limit = self.max_execution_time
         elapsed = time.time() - attempt.job.started_at
@@ -154,8 +156,14 @@ class RogerTask(Task):
         return result
 
     def is_cancelled(self) -> bool:
-        """Whether this job was cancelled (for pools that cannot kill it: threads, solo)."""
-        return runtime(self.app).store.is_cancelled(self.request.id)
+        """Whether this job was cancelled (for pools that cannot kill it: threads, solo).
+
+        A job that saw True and returns is reported cancelled (REVOKED, on_cancel).
+        """
+        cancelled = runtime(self.app).store.is_cancelled(self.request.id)
+        if cancelled:
+            self.request._roger_cancel_seen = True
+        return cancelled
 
     def _roger_failed(self, attempt: Attempt, request: Any, exc: BaseException,
                       traceback: str | None) -> None:

@@ -39,6 +39,7 @@ def browser():
 
 
 def test_pause_and_resume_from_the_page(app_module, run, browser, dashboard, tmp_path):  # noqa: F811
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
     roger = Roger(app_module.app)
@@ -53,23 +54,35 @@ def test_pause_and_resume_from_the_page(app_module, run, browser, dashboard, tmp
         found = rows[0].find_elements(By.XPATH, f".//button[normalize-space()='{label}']")
         return found[0] if found else None
 
-    pause = wait_until(lambda: button("pause"), timeout=15, what="the queue's pause button")
+    def click(label):
+        """Click the queue's button; the page re-renders every 2 s, so find it afresh."""
+        def attempt():
+            try:
+                found = button(label)
+                if found is not None:
+                    found.click()
+                    return True
+            except StaleElementReferenceException:
+                pass
+            return False
+        wait_until(attempt, timeout=15, what=f"the queue's {label} button")
+
     browser.execute_script("sessionStorage.setItem('rogerToken', 's3cret')")
-    pause.click()
+    click("pause")
     browser.switch_to.alert.accept()  # "Pause q-...?"
     wait_until(lambda: queue in roger.paused_queues(), timeout=10, what="the stored pause")
-    resume = wait_until(lambda: button("resume"), timeout=10, what="the resume button")
+    wait_until(lambda: button("resume"), timeout=10, what="the resume button")
     shot = tmp_path / "dashboard-paused.png"
     browser.save_screenshot(str(shot))
     print(f"screenshot: {shot}")
     assert shot.stat().st_size > 1000
-    resume.click()
+    click("resume")
     wait_until(lambda: queue not in roger.paused_queues(), timeout=10, what="the resume")
     wait_until(lambda: button("pause"), timeout=10, what="the page to show it resumed")
 
     # Without the token, the page's action is refused and nothing changes.
     browser.execute_script("sessionStorage.removeItem('rogerToken')")
-    button("pause").click()
+    click("pause")
     browser.switch_to.alert.accept()
     wait_until(lambda: "refused (401)" in browser.find_element(By.ID, "msg").text,
                timeout=10, what="the refusal shown on the page")
