@@ -198,7 +198,11 @@ class Roger:
         except Exception:
             logger.debug("could not forget the result of %s", job_id, exc_info=True)
         try:
-            send_entry(self.app, value["publish"], retry_count=0)
+            # Requeued to run: a stale expiry would revoke it (or let a broker drop it).
+            publish = {**value["publish"], "options": {
+                k: v for k, v in (value["publish"].get("options") or {}).items()
+                if k != "expires"}}
+            send_entry(self.app, publish, retry_count=0)
         except BaseException:
             if queue_key:
                 self.store.release_queue_key(queue_key, job_id)

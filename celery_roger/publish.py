@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import functools
 import logging
 import time
@@ -11,6 +12,7 @@ from typing import Any
 
 from celery import Celery
 from celery.utils import uuid
+from celery.utils.iso8601 import parse_iso8601 as isoparse
 
 from . import events
 from .errors import DuplicateJob
@@ -99,12 +101,23 @@ def publish(app: Celery, send: Callable, name: str, args: Any, kwargs: Any,
                 "itself after %ss", name, task_id, queue_key, store.settings.publish_grace_seconds,
             )
         raise
-    if not store.confirm_queue_key(queue_key, task_id):
+    if not store.confirm_queue_key(queue_key, task_id, expires_in(app, options.get("expires"))):
         logger.warning(
             "%s[%s]: published, but queue key %r was no longer held by it (the publish took "
             "longer than roger_publish_grace_seconds)", name, task_id, queue_key,
         )
     return result
+
+
+def expires_in(app: Celery, expires: Any) -> float | None:
+    """Seconds until a job's ``expires`` (as Celery reads it), or None."""
+    if expires is None:
+        return None
+    if isinstance(expires, datetime.datetime):
+        return (expires - app.now()).total_seconds()
+    if isinstance(expires, str):
+        return (isoparse(expires) - app.now()).total_seconds()
+    return float(expires)
 
 
 def _queue_name(app: Celery, name: str, args: Any, kwargs: Any, options: dict[str, Any]) -> str:

@@ -146,10 +146,14 @@ class Store:
         )
         return _text(holder) if holder else None
 
-    def confirm_queue_key(self, queue_key: str, job_id: str) -> bool:
+    def confirm_queue_key(self, queue_key: str, job_id: str,
+                          expires_in: float | None = None) -> bool:
+        """The job is in the broker. With ``expires_in`` (its expiry, in seconds), the key
+        frees itself that long plus the grace later unless a worker admits the job."""
+        deadline = 0 if expires_in is None else int(max(expires_in, 0) * 1000) + self.grace_ms
         return bool(
             self._scripts["confirm_queue_key"](
-                keys=[self.k_qkeys, self.k_qk_pending], args=[queue_key, job_id]
+                keys=[self.k_qkeys, self.k_qk_pending], args=[queue_key, job_id, deadline]
             )
         )
 
@@ -169,9 +173,11 @@ class Store:
         reply = self._scripts["admit"](
             keys=[self.k_workers, self.k_running, self.k_held, self.k_msg, self.k_promoting,
                   self.parked_key(execution_key), self.k_cancelled, self.k_cancel_reported,
-                  self.k_paused, self.k_parked_count, self.k_stats],
+                  self.k_paused, self.k_parked_count, self.k_stats, self.k_qkeys,
+                  self.k_qk_pending],
             args=[job_id, instance, self.lease_ms, execution_key, _dumps(info),
-                  _dumps(message) if execution_key else "", info.get("queue") or ""],
+                  _dumps(message) if execution_key else "", info.get("queue") or "",
+                  info.get("qk") or ""],
         )
         outcome = _text(reply[0])
         if outcome == "parked":
@@ -239,14 +245,16 @@ class Store:
     # -- cancellation and pause ---------------------------------------------------------
 
     def start(self, job_id: str, queue: str, info: dict[str, Any] | None = None,
-              instance: str = "") -> tuple[str, bool, dict[str, Any] | None]:
+              instance: str = "", queue_key: str = "",
+              ) -> tuple[str, bool, dict[str, Any] | None]:
         """The check right before a job's body runs, and the admission of a job without
         an execution key (``info``): (outcome, report its cancel, crashed earlier attempt).
         """
         reply = self._scripts["start"](
             keys=[self.k_cancelled, self.k_cancel_reported, self.k_paused, self.k_stats,
-                  self.k_workers, self.k_running, self.k_crash_checks, self.k_crash_info],
-            args=[job_id, queue, _dumps(info) if info else "", instance])
+                  self.k_workers, self.k_running, self.k_crash_checks, self.k_crash_info,
+                  self.k_qkeys, self.k_qk_pending],
+            args=[job_id, queue, _dumps(info) if info else "", instance, queue_key])
         outcome = _text(reply[0])
         if outcome == "cancelled":
             return outcome, bool(int(reply[1])), None

@@ -117,7 +117,7 @@ class RogerTask(Task):
                         "admitted_at": job.started_at, **small_arguments(args, kwargs)}
             try:
                 outcome, report, crashed = rt.store.start(request.id, job.queue, info,
-                                                          instance)
+                                                          instance, job.queue_key or "")
             except RedisError as exc:
                 # Neither run nor dropped: back to the broker, after a pause.
                 logger.error("Cannot start job %s[%s] (Redis: %s); it goes back to its "

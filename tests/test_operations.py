@@ -84,3 +84,32 @@ def test_parked_job_that_expired_hands_its_key_on(app_module, run, r, worker):
     assert expired.state == "REVOKED"
     assert [e["name"] for e in events(r, run, "start")] == ["holder", "last"]
     assert store.queue_key_holder(f"{run}:q") is None
+
+
+def test_an_expiring_job_never_leaves_its_queue_key_stuck(app_module, run, r, worker):
+    """A broker may drop an expired message unseen (RabbitMQ does): its queue key then
+    frees itself at expiry plus the publish grace, and a job that reaches a worker in
+    time keeps its key for as long as it runs."""
+    from dataclasses import replace
+
+    from celery_roger.runtime import runtime
+    from celery_roger.store import Store
+
+    rt = runtime(app_module.app)
+    original = rt.store
+    rt._store = Store(replace(original.settings, publish_grace_seconds=1))
+    try:
+        expired = app_module.square.apply_async((run, 1), expires=0.5)
+        running = app_module.square.apply_async((run, 2), expires=0.5)
+    finally:
+        rt._store = original
+    store = rt.store
+    assert store.queue_key_holder(f"{run}:num-1") == expired.id
+    time.sleep(2)  # past expiry + grace, before any worker saw the jobs
+    worker()  # its tick frees the key of a job the broker dropped; Celery revokes the rest
+    wait_until(lambda: store.queue_key_holder(f"{run}:num-1") is None, timeout=10,
+               what="the expired job's queue key to be freed")
+    wait_until(lambda: store.queue_key_holder(f"{run}:num-2") is None, timeout=10,
+               what="the second key to be freed")
+    assert app_module.square.apply_async((run, 1)).get(timeout=20) == 1
+    assert running.state in ("PENDING", "REVOKED")

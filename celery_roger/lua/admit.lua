@@ -6,9 +6,10 @@
 --       held (hash execution key -> job), msg (hash job -> message json),
 --       promoting (zset job -> deadline), parked (list of job ids for this execution key),
 --       cancelled (zset job -> expiry), cancel_reported (zset job -> expiry),
---       paused (hash queue -> info json), parked_count (hash queue -> parked jobs), stats
+--       paused (hash queue -> info json), parked_count (hash queue -> parked jobs), stats,
+--       qkeys, qk_pending
 -- ARGV: job id, worker instance, lease_ms, execution key or '', info json, message json,
---       queue
+--       queue, queue key or ''
 -- A cancelled job is refused first ({'cancelled', 1 if this call claims its on_cancel}),
 -- then a job of a paused queue ({'paused'}: the caller stores it for resume).
 -- Returns {'run'}, {'run', previous info json, alive} when the job was recorded as running
@@ -18,6 +19,12 @@ local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local job, ekey = ARGV[1], ARGV[4]
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+
+-- The job reached a worker: a deadline on its queue key (set for a job with an expiry)
+-- is no longer needed.
+if ARGV[8] ~= '' and redis.call('HGET', KEYS[12], ARGV[8]) == job then
+  redis.call('ZREM', KEYS[13], ARGV[8])
+end
 
 local cancelled = redis.call('ZSCORE', KEYS[7], job)
 if cancelled and tonumber(cancelled) > now then

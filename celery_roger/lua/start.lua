@@ -2,8 +2,9 @@
 -- what changed after its admission (a cancel, a pause). A job without an execution key
 -- is admitted here (info json given): recorded as running under its worker's instance.
 -- KEYS: cancelled, cancel_reported, paused, stats, workers, running, crash_checks (zset
---       job -> when to check), crash_info (hash job -> earlier attempt's record)
--- ARGV: job id, queue, info json or '', worker instance
+--       job -> when to check), crash_info (hash job -> earlier attempt's record), qkeys,
+--       qk_pending
+-- ARGV: job id, queue, info json or '', worker instance, queue key or ''
 -- A redelivered job whose earlier attempt was recorded under another, dead instance
 -- returns {'run', that record} (the caller reports the crash); if that instance's lease
 -- still lasts, a tick checks again when it ends.
@@ -18,6 +19,9 @@ if cancelled and tonumber(cancelled) > now then
 end
 if ARGV[2] ~= '' and redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then
   return {'paused'}
+end
+if ARGV[5] ~= '' and redis.call('HGET', KEYS[9], ARGV[5]) == ARGV[1] then
+  redis.call('ZREM', KEYS[10], ARGV[5])  -- it reached a worker: no deadline on its key
 end
 if ARGV[3] ~= '' then
   local previous = redis.call('HGET', KEYS[6], ARGV[1])

@@ -14,9 +14,12 @@ from celery_roger import RetryableError, Roger, RogerTask, signals
 
 URL = os.environ.get("ROGER_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
-app = Celery("roger_app", broker=URL, backend=URL)
+# ROGER_TEST_BROKER runs the same tests with another broker (RabbitMQ); results and roger
+# state stay in Redis.
+app = Celery("roger_app", broker=os.environ.get("ROGER_TEST_BROKER") or URL, backend=URL)
 app.conf.update(
     roger_redis_url=os.environ.get("ROGER_TEST_STATE_URL") or URL,
+    broker_heartbeat=0,
     roger_publish_grace_seconds=float(os.environ.get("ROGER_TEST_GRACE", "60")),
     roger_partition=os.environ.get("ROGER_TEST_PARTITION", "test"),
     roger_lease_seconds=float(os.environ.get("ROGER_TEST_LEASE", "30")),
