@@ -135,13 +135,8 @@ def record(task: Any, job: Job, context: Any, error: BaseException, traceback: s
     if decision.kind == "fail":
         return decision
     store = runtime(task.app).store
-    header = {"q": job.queue, "at": job.queued_at, "rc": job.retry_count + 1}
-    if job.queue_key:
-        header["qk"] = job.queue_key
-    if job.execution_key:
-        header["ek"] = job.execution_key
     try:
-        entry = publish_entry(task, context, header, headers)
+        entry = publish_entry(task, context, job.header(job.retry_count + 1), headers)
         if decision.kind == "retry":
             if not store.schedule_retry(job.id, decision.delay, entry):
                 return Decision("cancelled")

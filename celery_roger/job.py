@@ -64,6 +64,15 @@ class Job:
     queued_at: float = 0.0
     started_at: float = 0.0
 
+    def header(self, retry_count: int) -> dict[str, Any]:
+        """This job's ``roger`` header, for publishing it again with ``retry_count``."""
+        header: dict[str, Any] = {"q": self.queue, "at": self.queued_at, "rc": retry_count}
+        if self.queue_key:
+            header["qk"] = self.queue_key
+        if self.execution_key:
+            header["ek"] = self.execution_key
+        return header
+
     @classmethod
     def from_header(cls, job_id: str, task: str, args: Any, kwargs: Any,
                     header: dict[str, Any], *, queue: str = "",

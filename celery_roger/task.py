@@ -183,12 +183,7 @@ class RogerTask(Task):
 
     def _roger_hold_for_pause(self, attempt: Attempt, request: Any) -> None:
         """Its queue was paused after admission: keep it in Redis until resume."""
-        header = {"q": attempt.job.queue, "at": attempt.job.queued_at,
-                  "rc": attempt.job.retry_count}
-        if attempt.job.queue_key:
-            header["qk"] = attempt.job.queue_key
-        if attempt.job.execution_key:
-            header["ek"] = attempt.job.execution_key
+        header = attempt.job.header(attempt.job.retry_count)
         runtime(self.app).store.park_paused(request.id, attempt.job.queue,
                                             publish_entry(self, request, header))
         attempt.paused = True

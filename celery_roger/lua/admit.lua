@@ -20,21 +20,10 @@ local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local job, ekey = ARGV[1], ARGV[4]
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
 
--- The job reached a worker: a deadline on its queue key (set for a job with an expiry)
--- is no longer needed.
-if ARGV[8] ~= '' and redis.call('HGET', KEYS[12], ARGV[8]) == job then
-  redis.call('ZREM', KEYS[13], ARGV[8])
-end
-
-local cancelled = redis.call('ZSCORE', KEYS[7], job)
-if cancelled and tonumber(cancelled) > now then
-  local first = redis.call('ZADD', KEYS[8], 'NX', cancelled, job)
-  if first == 1 then redis.call('HINCRBY', KEYS[11], 'cancelled', 1) end
-  return {'cancelled', first}
-end
-if ARGV[7] ~= '' and redis.call('HEXISTS', KEYS[9], ARGV[7]) == 1 then
-  return {'paused'}
-end
+local refused = arrival_check(job, ARGV[7], ARGV[8], now, {
+  qkeys = KEYS[12], qk_pending = KEYS[13], cancelled = KEYS[7], cancel_reported = KEYS[8],
+  stats = KEYS[11], paused = KEYS[9]})
+if refused then return refused end
 
 if ekey ~= '' then
   local holder = redis.call('HGET', KEYS[3], ekey)

@@ -20,3 +20,25 @@ local function take_due(zset, stored_hash, now, grace, limit)
   end
   return due
 end
+
+-- What every admission checks first, for a job that reached a worker (admit.lua, and
+-- start.lua for a job admitted in its own process): the deadline a queue key gets for a
+-- job with an expiry is removed; then a cancelled job is refused (claiming its on_cancel
+-- report once: {'cancelled', 1 or 0}), and a job of a paused queue ({'paused'}).
+-- k: {qkeys, qk_pending, cancelled, cancel_reported, stats, paused} key names.
+-- Returns nil when the job may go on.
+local function arrival_check(job, queue, qkey, now, k)
+  if qkey ~= '' and redis.call('HGET', k.qkeys, qkey) == job then
+    redis.call('ZREM', k.qk_pending, qkey)
+  end
+  local cancelled = redis.call('ZSCORE', k.cancelled, job)
+  if cancelled and tonumber(cancelled) > now then
+    local first = redis.call('ZADD', k.cancel_reported, 'NX', cancelled, job)
+    if first == 1 then redis.call('HINCRBY', k.stats, 'cancelled', 1) end
+    return {'cancelled', first}
+  end
+  if queue ~= '' and redis.call('HEXISTS', k.paused, queue) == 1 then
+    return {'paused'}
+  end
+  return nil
+end

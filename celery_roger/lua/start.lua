@@ -11,18 +11,10 @@
 -- Returns {'cancelled', 1 if this call claims its on_cancel}, {'paused'} or {'run'}.
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local cancelled = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if cancelled and tonumber(cancelled) > now then
-  local first = redis.call('ZADD', KEYS[2], 'NX', cancelled, ARGV[1])
-  if first == 1 then redis.call('HINCRBY', KEYS[4], 'cancelled', 1) end
-  return {'cancelled', first}
-end
-if ARGV[2] ~= '' and redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then
-  return {'paused'}
-end
-if ARGV[5] ~= '' and redis.call('HGET', KEYS[9], ARGV[5]) == ARGV[1] then
-  redis.call('ZREM', KEYS[10], ARGV[5])  -- it reached a worker: no deadline on its key
-end
+local refused = arrival_check(ARGV[1], ARGV[2], ARGV[5], now, {
+  qkeys = KEYS[9], qk_pending = KEYS[10], cancelled = KEYS[1], cancel_reported = KEYS[2],
+  stats = KEYS[4], paused = KEYS[3]})
+if refused then return refused end
 if ARGV[3] ~= '' then
   local previous = redis.call('HGET', KEYS[6], ARGV[1])
   redis.call('HSET', KEYS[6], ARGV[1], ARGV[3])
