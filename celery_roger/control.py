@@ -122,6 +122,8 @@ def roger_cancel(state: Any, job_ids: list[str], **kwargs: Any) -> dict[str, Any
         if not request.time_start:
             request._roger_cancel_on_start = True
             continue
+        if not _attempt_running(state.consumer.app, request.id):
+            continue  # its attempt ended (result stored); only the ack is pending here
         try:
             request.terminate(state.consumer.pool, signal=signal.SIGKILL)
             killed.append(request.id)
@@ -131,6 +133,15 @@ def roger_cancel(state: Any, job_ids: list[str], **kwargs: Any) -> dict[str, Any
                            "reported cancelled when it returns (self.is_cancelled() is true)",
                            request.id, type(state.consumer.pool).__name__)
     return {"ok": {"killed": killed, "cannot_kill": cooperative}}
+
+
+def _attempt_running(app: Celery, job_id: str) -> bool:
+    """Whether the job's attempt is still recorded as running (it is until its end)."""
+    store = runtime(app).store
+    try:
+        return bool(store.redis.hexists(store.k_running, job_id))
+    except RedisError:
+        return True  # cannot tell: stopping it is the safe side of a cancel
 
 
 def _wrap_celery_revoke() -> None:

@@ -48,10 +48,16 @@ def test_pause_and_resume_from_the_page(app_module, run, browser, dashboard, tmp
     browser.get(base + "/")
 
     def button(label):
-        rows = browser.find_elements(By.XPATH, f"//tr[td[1][normalize-space()='{queue}']]")
-        if not rows:
+        """The queue's button, or None (also while the page re-renders under us)."""
+        try:
+            rows = browser.find_elements(By.XPATH,
+                                         f"//tr[td[1][normalize-space()='{queue}']]")
+            if not rows:
+                return None
+            found = rows[0].find_elements(By.XPATH,
+                                          f".//button[normalize-space()='{label}']")
+        except StaleElementReferenceException:
             return None
-        found = rows[0].find_elements(By.XPATH, f".//button[normalize-space()='{label}']")
         return found[0] if found else None
 
     def click(label):
