@@ -81,24 +81,24 @@ def _admission(state: Any) -> Any:
     return handler if isinstance(handler, Admission) else None
 
 
-@control_command(args=[("queue", str)], signature="<queue>")
-def roger_pause(state: Any, queue: str, **kwargs: Any) -> dict[str, Any]:
-    """Stop consuming ``queue`` if this worker consumes it (roger's pause)."""
+def _change(state: Any, queue: str, paused: bool) -> dict[str, Any]:
     admission = _admission(state)
     if admission is None:
         return {"ok": "not a roger worker"}
-    admission.queues.change(queue, True)
-    return {"ok": f"queue {queue} paused"}
+    admission.queues.change(queue, paused)
+    return {"ok": f"queue {queue} {'paused' if paused else 'resumed'}"}
+
+
+@control_command(args=[("queue", str)], signature="<queue>")
+def roger_pause(state: Any, queue: str, **kwargs: Any) -> dict[str, Any]:
+    """Stop consuming ``queue`` if this worker consumes it (roger's pause)."""
+    return _change(state, queue, True)
 
 
 @control_command(args=[("queue", str)], signature="<queue>")
 def roger_resume(state: Any, queue: str, **kwargs: Any) -> dict[str, Any]:
     """Consume ``queue`` again if this worker consumed it before it was paused."""
-    admission = _admission(state)
-    if admission is None:
-        return {"ok": "not a roger worker"}
-    admission.queues.change(queue, False)
-    return {"ok": f"queue {queue} resumed"}
+    return _change(state, queue, False)
 
 
 @control_command(args=[("job_ids", list)], signature="<job_id> [job_id ...]")

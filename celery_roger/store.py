@@ -45,9 +45,8 @@ class Admission:
     outcome: str  # "run", "parked", "cancelled" (position: 1 to report it) or "paused"
     position: int = 0
     holder: str = ""
-    #: A redelivered job's earlier attempt, recorded under another worker instance.
-    previous: dict[str, Any] | None = None
-    previous_alive: bool = False
+    #: A redelivered job's earlier attempt, whose worker died: to report as crashed.
+    crashed: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -174,7 +173,7 @@ class Store:
             keys=[self.k_workers, self.k_running, self.k_held, self.k_msg, self.k_promoting,
                   self.parked_key(execution_key), self.k_cancelled, self.k_cancel_reported,
                   self.k_paused, self.k_parked_count, self.k_stats, self.k_qkeys,
-                  self.k_qk_pending],
+                  self.k_qk_pending, self.k_crash_checks, self.k_crash_info],
             args=[job_id, instance, self.lease_ms, execution_key, _dumps(info),
                   _dumps(message) if execution_key else "", info.get("queue") or "",
                   info.get("qk") or ""],
@@ -185,14 +184,8 @@ class Store:
         if outcome == "cancelled":
             return Admission(outcome, position=int(reply[1]))
         if len(reply) > 1:
-            return Admission(outcome, previous=json.loads(reply[1]),
-                             previous_alive=bool(int(reply[2])))
+            return Admission(outcome, crashed=json.loads(reply[1]))
         return Admission(outcome)
-
-    def instance_alive(self, instance: str) -> bool:
-        """Whether a worker instance's lease still lasts."""
-        lease = self.redis.zscore(self.k_workers, instance)
-        return lease is not None and lease > self.redis_time_ms()
 
     def redis_time_ms(self) -> float:
         seconds, micros = self.redis.time()

@@ -226,9 +226,9 @@ class Admission:
         self.handle = consumer.on_task_request
         self.admitted: dict[str, Any] = {}
         self._retry_delay: dict[str, float] = {}
-        #: (earlier attempt's info, its worker alive, when to check again) of redeliveries
-        self.redelivered: collections.deque[tuple[dict[str, Any], bool, float]] = \
-            collections.deque()
+        #: earlier attempts of redelivered jobs, whose worker died: reported by the lease
+        #: thread (callbacks never run in the event loop)
+        self.crashed: collections.deque[dict[str, Any]] = collections.deque()
         #: (task, job) cancelled here, to report from the lease thread
         self.cancel_reports: collections.deque[tuple[Any, Job]] = collections.deque()
         #: job ids that Celery's own revoke named, to cancel in roger state too
@@ -266,11 +266,8 @@ class Admission:
         except RedisError as exc:
             return self._admit_later(request, exc)
         self._retry_delay.pop(request.id, None)
-        if admission.previous is not None:
-            # A redelivery: the attempt it replaces ended with its worker (or, if that
-            # worker still lives, this is a duplicate delivery). The lease thread checks.
-            self.redelivered.append((admission.previous, admission.previous_alive,
-                                     time.monotonic() + self.store.settings.lease_seconds))
+        if admission.crashed is not None:
+            self.crashed.append(admission.crashed)
         if admission.outcome == "run":
             request._roger_pool = self.consumer.pool
             request._roger_admitted = request._request_dict["roger_admitted"] = \
@@ -403,8 +400,10 @@ class WorkerLease(threading.Thread):
                           else time.monotonic() + result.next_retry_in)
         for info in result.orphans:
             self._orphan(info)
-        self._check_redelivered()
-        for info in result.crashed:
+        crashed = [*result.crashed]
+        while self.admission.crashed:
+            crashed.append(self.admission.crashed.popleft())
+        for info in crashed:
             logger.warning("Job %s was redelivered: its attempt on %s ended with that worker",
                            info.get("job"), info.get("worker"))
             report_crash(self.app, info)
@@ -455,24 +454,6 @@ class WorkerLease(threading.Thread):
                        job_id, info.get("worker"))
         if _finish_quietly(self.app, job_id, _key(info.get("ek")), _key(info.get("qk"))):
             report_crash(self.app, info)  # else another worker's tick reported it
-
-    def _check_redelivered(self) -> None:
-        """Report the crash behind a redelivery once the earlier worker is known dead."""
-        pending = self.admission.redelivered
-        for _ in range(len(pending)):
-            info, alive, check_at = pending.popleft()
-            if alive and time.monotonic() < check_at:
-                pending.append((info, alive, check_at))
-                continue
-            try:
-                if alive and self.store.instance_alive(str(info.get("instance"))):
-                    continue  # a duplicate delivery of a job still running elsewhere
-            except RedisError:
-                pending.append((info, alive, check_at))
-                return
-            logger.warning("Job %s was redelivered: its attempt on %s ended with that worker",
-                           info.get("job"), info.get("worker"))
-            report_crash(self.app, info)
 
     def _lose_lease(self, exc: Exception) -> None:
         self.lease_lost = True

@@ -281,16 +281,18 @@ def test_child_sigkill_on_last_level_is_buried(app_module, run, r, worker):
     not hasattr(kombu_redis.Channel, "unacked_restore_interval"),
     reason="this kombu restores unacked messages only every ~100 s (not configurable)",
 )
+@pytest.mark.parametrize("keyed", [False, True], ids=["no-execution-key", "execution-key"])
 @pytest.mark.parametrize(("lease", "visibility"), [("3", "8"), ("6", "2")],
                          ids=["lease-ends-first", "redelivered-first"])
 def test_whole_worker_crash_redelivers_and_reports_once(app_module, run, r, worker, lease,
-                                                         visibility):
+                                                         visibility, keyed):
     """Late ack: the job's message comes back; another worker reports the crash once,
     whether it notices the dead lease first or receives the redelivered job first."""
     env = {"ROGER_TEST_LEASE": lease, "ROGER_TEST_VISIBILITY": visibility}
     doomed = worker(env=env)
     worker(env=env)
-    result = app_module.fragile.apply_async((run, "a", "sleep1", 60), queue_key=f"{run}:qk")
+    result = app_module.fragile.apply_async((run, "a", "sleep1", 60), queue_key=f"{run}:qk",
+                                            execution_key=f"{run}:ek" if keyed else None)
     (first,) = wait_until(lambda: attempts(r, run, "a"), timeout=10, what="the first attempt")
     survivor_runs = first["pid"] not in _children(doomed.pid)
     if survivor_runs:

@@ -7,14 +7,14 @@
 --       promoting (zset job -> deadline), parked (list of job ids for this execution key),
 --       cancelled (zset job -> expiry), cancel_reported (zset job -> expiry),
 --       paused (hash queue -> info json), parked_count (hash queue -> parked jobs), stats,
---       qkeys, qk_pending
+--       qkeys, qk_pending, crash_checks, crash_info
 -- ARGV: job id, worker instance, lease_ms, execution key or '', info json, message json,
 --       queue, queue key or ''
 -- A cancelled job is refused first ({'cancelled', 1 if this call claims its on_cancel}),
 -- then a job of a paused queue ({'paused'}: the caller stores it for resume).
--- Returns {'run'}, {'run', previous info json, alive} when the job was recorded as running
--- under another worker instance (a redelivery: alive is 1 while that instance's lease
--- lasts), or {'parked', position, holder}.
+-- Returns {'run'}, {'run', earlier attempt's record json} for a redelivered job whose
+-- earlier attempt's worker is dead (see record_running in lib.lua), or
+-- {'parked', position, holder}.
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local job, ekey = ARGV[1], ARGV[4]
@@ -43,15 +43,7 @@ if ekey ~= '' then
     redis.call('HSET', KEYS[3], ekey, job)
   end
 end
-local previous = redis.call('HGET', KEYS[2], job)
-redis.call('HSET', KEYS[2], job, ARGV[5])
-if previous then
-  local ok, info = pcall(cjson.decode, previous)
-  if ok and info.instance ~= ARGV[2] then
-    local lease = redis.call('ZSCORE', KEYS[1], info.instance)
-    local alive = 0
-    if lease and tonumber(lease) > now then alive = 1 end
-    return {'run', previous, alive}
-  end
-end
+local crashed = record_running(job, ARGV[5], ARGV[2], now, {
+  workers = KEYS[1], running = KEYS[2], crash_checks = KEYS[14], crash_info = KEYS[15]})
+if crashed then return {'run', crashed} end
 return {'run'}

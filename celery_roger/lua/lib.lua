@@ -42,3 +42,24 @@ local function arrival_check(job, queue, qkey, now, k)
   end
   return nil
 end
+
+-- Record a job as running under `instance` (admit.lua, start.lua). A redelivered job whose
+-- earlier attempt was recorded under another instance: if that instance's lease has
+-- ended, returns that attempt's record (the caller reports the crash); if it still lasts,
+-- queues it in crash_checks for a tick to check again when the lease would end (a
+-- duplicate delivery of a job still running elsewhere is then dropped silently).
+-- k: {workers, running, crash_checks, crash_info} key names. Returns the record or nil.
+local function record_running(job, info_json, instance, now, k)
+  local previous = redis.call('HGET', k.running, job)
+  redis.call('HSET', k.running, job, info_json)
+  if not previous then return nil end
+  local ok, info = pcall(cjson.decode, previous)
+  if not ok or info.instance == instance then return nil end
+  local lease = redis.call('ZSCORE', k.workers, info.instance)
+  if lease and tonumber(lease) > now then
+    redis.call('ZADD', k.crash_checks, tonumber(lease) + 1000, job)
+    redis.call('HSET', k.crash_info, job, previous)
+    return nil
+  end
+  return previous
+end

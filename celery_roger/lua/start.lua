@@ -16,19 +16,8 @@ local refused = arrival_check(ARGV[1], ARGV[2], ARGV[5], now, {
   stats = KEYS[4], paused = KEYS[3]})
 if refused then return refused end
 if ARGV[3] ~= '' then
-  local previous = redis.call('HGET', KEYS[6], ARGV[1])
-  redis.call('HSET', KEYS[6], ARGV[1], ARGV[3])
-  if previous then
-    local ok, info = pcall(cjson.decode, previous)
-    if ok and info.instance ~= ARGV[4] then
-      local lease = redis.call('ZSCORE', KEYS[5], info.instance)
-      if lease and tonumber(lease) > now then
-        redis.call('ZADD', KEYS[7], tonumber(lease) + 1000, ARGV[1])
-        redis.call('HSET', KEYS[8], ARGV[1], previous)
-        return {'run'}
-      end
-      return {'run', previous}
-    end
-  end
+  local crashed = record_running(ARGV[1], ARGV[3], ARGV[4], now, {
+    workers = KEYS[5], running = KEYS[6], crash_checks = KEYS[7], crash_info = KEYS[8]})
+  if crashed then return {'run', crashed} end
 end
 return {'run'}
