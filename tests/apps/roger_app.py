@@ -30,6 +30,8 @@ app.conf.update(
     roger_callbacks=os.environ.get("ROGER_TEST_CALLBACKS", "roger_app.Recorder"),
     roger_buried_max=int(os.environ.get("ROGER_TEST_BURIED_MAX", "10000")),
 )
+# Any other settings, as a JSON object (tests/test_bad_input.py, tests/test_security.py).
+app.conf.update(json.loads(os.environ.get("ROGER_TEST_SETTINGS") or "{}"))
 
 if os.environ.get("ROGER_TEST_VISIBILITY"):
     # Redeliver unacked messages of a dead worker after this many seconds.
