@@ -13,6 +13,7 @@ from typing import Any
 from celery import Celery
 from celery.utils import uuid
 from celery.utils.iso8601 import parse_iso8601 as isoparse
+from redis.exceptions import RedisError
 
 from . import events
 from .errors import DuplicateJob
@@ -101,7 +102,19 @@ def publish(app: Celery, send: Callable, name: str, args: Any, kwargs: Any,
                 "itself after %ss", name, task_id, queue_key, store.settings.publish_grace_seconds,
             )
         raise
-    if not store.confirm_queue_key(queue_key, task_id, expires_in(app, options.get("expires"))):
+    try:
+        confirmed = store.confirm_queue_key(queue_key, task_id,
+                                            expires_in(app, options.get("expires")))
+    except RedisError as exc:
+        # The job is in the broker: report the publish as done. Its queue key stays
+        # taken, and frees itself after the grace period if the job has not started.
+        logger.warning(
+            "%s[%s]: published, but its queue key %r could not be confirmed (Redis: %s); "
+            "it stays held at most %ss before the job starts", name, task_id, queue_key, exc,
+            store.settings.publish_grace_seconds,
+        )
+        return result
+    if not confirmed:
         logger.warning(
             "%s[%s]: published, but queue key %r was no longer held by it (the publish took "
             "longer than roger_publish_grace_seconds)", name, task_id, queue_key,

@@ -270,6 +270,18 @@ class Store:
         )
         return (json.loads(running) if running else None), _text(where)
 
+    def running_on(self, instance: str) -> dict[str, dict[str, Any]]:
+        """The attempts recorded as running under one worker instance."""
+        found = {}
+        for job_id, raw in self.redis.hgetall(self.k_running).items():
+            try:
+                info = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(info, dict) and info.get("instance") == instance:
+                found[_text(job_id)] = info
+        return found
+
     def stats(self) -> dict[str, int]:
         """Counters: ``dedup_refused``, ``cancelled``."""
         return {_text(k): int(v) for k, v in self.redis.hgetall(self.k_stats).items()}

@@ -42,6 +42,7 @@ from .control import QueueControl
 from .errors import JobTimeout, WorkerCrashed
 from .failure import job_from_stored, publish_stored, record
 from .job import FRESH_ADMISSION_SECONDS, Job, job_header, small_arguments
+from .kombu_guard import guard_redis_restore
 from .publish import capture, republish
 from .runtime import runtime
 from .store import DueRetry, Promotion, loads
@@ -49,6 +50,9 @@ from .store import DueRetry, Promotion, loads
 logger = logging.getLogger("celery_roger")
 
 TICK_SECONDS = 1.0
+#: A running record younger than this is never taken for ended by ``reconcile`` (its
+#: admission may not have reached this worker's own books yet).
+RECONCILE_MIN_AGE_SECONDS = 10.0
 
 
 def job_keys(request: Any) -> tuple[str, str]:
@@ -327,6 +331,15 @@ class Admission:
                 del self.admitted[job_id]
 
 
+def _local_job_ids() -> set[str]:
+    """Ids of the requests this worker holds (received and not yet done)."""
+    while True:
+        try:
+            return {request.id for request in list(worker_state.reserved_requests)}
+        except RuntimeError:  # changed size while copied from another thread
+            continue
+
+
 def report_crash(app: Celery, info: dict[str, Any]) -> None:
     """Report (on_error, WorkerCrashed) an attempt whose worker died."""
     job_id = str(info.get("job"))
@@ -359,6 +372,9 @@ class WorkerLease(threading.Thread):
         self.safety = max(TICK_SECONDS * 2, min(5.0, self.lease / 3))
         self.last_renewed = time.monotonic()
         self.lease_lost = False
+        # When to compare what Redis records as running here with what runs here: after
+        # any Redis error (a finish may have failed with it) and once per lease period.
+        self.reconcile_at = time.monotonic() + self.lease
 
     def run(self) -> None:
         while not self.stopping.is_set():
@@ -388,6 +404,7 @@ class WorkerLease(threading.Thread):
             result = self.store.tick(self.instance, deregister=deregister)
         except RedisError as exc:
             self.admission.forget_done()
+            self.reconcile_at = 0.0
             if sent - self.last_renewed > self.lease - self.safety and not self.lease_lost:
                 self._lose_lease(exc)
             else:
@@ -425,6 +442,34 @@ class WorkerLease(threading.Thread):
             hand_off(self.app, promotion)
         for queue_key in result.freed_queue_keys:
             logger.warning("Freed queue key %r: its publisher never confirmed the job", queue_key)
+        if time.monotonic() >= self.reconcile_at:
+            self.reconcile()
+
+    def reconcile(self) -> None:
+        """Finish attempts recorded as running here that no longer run here.
+
+        A job's own process releases its keys when it ends; if Redis was unreachable just
+        then, the record stays, and with it the job's execution key, while this worker's
+        lease is alive. Such records are finished here (keys released, the next parked job
+        promoted), at most one lease period after the job ended.
+        """
+        self.reconcile_at = time.monotonic() + self.lease
+        try:
+            recorded = self.store.running_on(self.instance)
+        except RedisError as exc:
+            self.reconcile_at = 0.0
+            logger.warning("roger: cannot compare running jobs with Redis: %s", exc)
+            return
+        if not recorded:
+            return
+        here = _local_job_ids()
+        young = time.time() - RECONCILE_MIN_AGE_SECONDS
+        for job_id, info in recorded.items():
+            if job_id in here or float(info.get("admitted_at") or 0) > young:
+                continue
+            logger.warning("Job %s ended on this worker but its keys were still held "
+                           "(Redis was unreachable at its end): releasing them", job_id)
+            _finish_quietly(self.app, job_id, _key(info.get("ek")), _key(info.get("qk")))
 
     def _report_local(self) -> None:
         """Cancellations seen by this worker's event loop: Redis work and callbacks here."""
@@ -627,6 +672,7 @@ def _die_with_parent(**_: Any) -> None:
 def install_worker_parts(app: Celery) -> None:
     """Register the consumer bootstep on ``app`` (signal receivers are global)."""
     app.steps["consumer"].add(RogerConsumerStep)
+    guard_redis_restore()
 
 
 __all__ = ["RogerConsumerStep", "RogerRequest", "finish_job", "hand_off", "install_worker_parts"]
