@@ -47,6 +47,7 @@ class Settings:
     buried_max: int
     dashboard_token: str | None
     publish_grace_seconds: float
+    redis_client: Any = None
 
     @classmethod
     def from_app(cls, app: Celery) -> Settings:
@@ -83,7 +84,30 @@ class Settings:
             publish_grace_seconds=_number(
                 "roger_publish_grace_seconds", get("roger_publish_grace_seconds", 60), minimum=1
             ),
+            redis_client=redis_client(get("roger_redis_client", None)),
         )
+
+
+def redis_client(value: Any) -> Any:
+    """``roger_redis_client``: a callable (or its dotted path) that returns the Redis
+    client roger uses, for Sentinel or Cluster; None means ``roger_redis_url``."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        from kombu.utils.imports import symbol_by_name
+
+        try:
+            value = symbol_by_name(value)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise ConfigurationError(
+                f"setting roger_redis_client: cannot import {value!r}: {exc}"
+            ) from exc
+    if not callable(value):
+        raise ConfigurationError(
+            f"setting roger_redis_client must be a callable returning a Redis client, "
+            f"or its dotted path, got {value!r}"
+        )
+    return value
 
 
 def retry_levels(name: str, value: Any) -> tuple[float, ...]:

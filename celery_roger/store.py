@@ -98,13 +98,18 @@ class Store:
         self.settings = settings
         self.partition = settings.partition
         self.prefix = f"roger:{{{settings.partition}}}:"
-        self.redis = redis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=5,
-            socket_connect_timeout=5,
-            health_check_interval=30,
-            retry_on_timeout=False,
-        )
+        if settings.redis_client is not None:
+            # Sentinel or Cluster: the user's own client (every script's keys share the
+            # partition's hash tag, so each script runs on one Cluster slot).
+            self.redis = settings.redis_client()
+        else:
+            self.redis = redis.Redis.from_url(
+                settings.redis_url,
+                socket_timeout=5,
+                socket_connect_timeout=5,
+                health_check_interval=30,
+                retry_on_timeout=False,
+            )
         self._scripts = {name: self.redis.register_script(src) for name, src in _SOURCES.items()}
         self.lease_ms = int(settings.lease_seconds * 1000)
         self.grace_ms = int(settings.publish_grace_seconds * 1000)
