@@ -1,4 +1,4 @@
-"""Roger state on Redis Cluster, through ``roger_redis_client``.
+"""Roger state on Redis Cluster and behind Sentinel, through ``roger_redis_client``.
 
 A one-node cluster owns all 16384 slots. Redis still refuses any command or script whose
 declared keys span slots (CROSSSLOT), so these jobs show that every roger script keeps to
@@ -13,11 +13,12 @@ import subprocess
 import time
 
 import pytest
+import redis
 from celery import Celery
 from redis.cluster import RedisCluster
 
 from celery_roger import Roger
-from celery_roger.testing import RedisServer, redis_server_binary
+from celery_roger.testing import RedisServer, free_port, redis_server_binary
 
 from .conftest import events, wait_until
 from .test_faults import collect, done_counts, start_publishers, wait_all_done
@@ -128,3 +129,49 @@ def test_roger_on_redis_cluster(app_module, run, r, worker, redis_url, cluster):
     log = w.log()
     assert "CROSSSLOT" not in log and "Unrecoverable" not in log, log[-3000:]
     assert w.is_alive()
+
+
+@pytest.fixture
+def sentinel(tmp_path):
+    with RedisServer() as primary:
+        port = free_port()
+        conf = tmp_path / "sentinel.conf"
+        conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+                        f"sentinel monitor roger 127.0.0.1 {primary.port} 1\n")
+        proc = subprocess.Popen([redis_server_binary(), str(conf), "--sentinel"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        try:
+            client = redis.Redis(port=port, socket_timeout=1)
+            wait_until(lambda: _master_known(client), timeout=20,
+                       what="the Sentinel to know the primary")
+            yield port
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def _master_known(client: redis.Redis) -> bool:
+    try:
+        return bool(client.sentinel_get_master_addr_by_name("roger"))
+    except redis.RedisError:
+        return False
+
+
+def test_roger_through_sentinel(app_module, run, r, worker, redis_url, sentinel):
+    env = {"ROGER_TEST_SETTINGS": json.dumps({"roger_redis_client": "cluster_client.sentinel"}),
+           "ROGER_TEST_SENTINEL_PORT": str(sentinel)}
+    w = worker(env=env)
+    spec = {"run": run, "task": "fragile", "how": "sleep", "duration": 0.1,
+            "jobs": [{"name": f"dup{i}", "qk": f"{run}:qk"} for i in range(2)]
+            + [{"name": f"s{i}", "ek": f"{run}:ek"} for i in range(4)]}
+    lines = collect(start_publishers(
+        [spec], {**env, "ROGER_TEST_REDIS_URL": redis_url, "ROGER_TEST_QUEUE": f"q-{run}"}),
+        timeout=60)
+    assert "ok" in lines[0] and lines[1].get("duplicate") == lines[0]["ok"], lines
+    wait_all_done(r, run, ["dup0"] + [f"s{i}" for i in range(4)], timeout=60)
+    order = [e["event"] for e in events(r, run, "attempt") + events(r, run, "done")]
+    assert len(order) == 10
+    serial = [e for e in (json.loads(x) for x in r.lrange(f"timeline:{run}", 0, -1))
+              if e["event"] in ("attempt", "done") and e["name"].startswith("s")]
+    assert [e["event"] for e in serial] == ["attempt", "done"] * 4, serial
+    assert "Unrecoverable" not in w.log()
