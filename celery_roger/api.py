@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -65,16 +66,24 @@ class Roger:
             if self.store.drop_parked(job_id, execution_key=ek, queue_key=qk, queue=queue):
                 removed += 1
         with self.app.connection_for_write() as conn:
-            channel = conn.default_channel
-            while True:
-                message = channel.basic_get(queue, no_ack=True)
-                if message is None:
-                    break
-                removed += 1
-                headers = message.headers or {}
-                ek, qk = job_keys(headers)
-                if headers.get("id") and (ek or qk):
-                    finish_job(self.app, str(headers["id"]), execution_key=ek, queue_key=qk)
+            # A channel of its own: on RabbitMQ, asking for a queue that does not exist
+            # closes the channel that asked.
+            channel = conn.channel()
+            try:
+                try:
+                    channel.queue_declare(queue=queue, passive=True)
+                except conn.channel_errors:
+                    return removed  # the broker has no such queue: nothing waits there
+                while (message := channel.basic_get(queue, no_ack=True)) is not None:
+                    removed += 1
+                    headers = message.headers or {}
+                    ek, qk = job_keys(headers)
+                    if headers.get("id") and (ek or qk):
+                        finish_job(self.app, str(headers["id"]), execution_key=ek,
+                                   queue_key=qk)
+            finally:
+                with contextlib.suppress(Exception):
+                    channel.close()
         return removed
 
     # -- cancellation ----------------------------------------------------------------------

@@ -174,6 +174,7 @@ def roger(state: Any, **kwargs: Any) -> dict[str, Any]:
     """This worker's roger view: running roger jobs, keys they hold, paused queues applied."""
     from .job import job_header
     from .task import RogerTask
+    from .worker import job_keys
 
     admission = _admission(state)
     if admission is None:
@@ -183,13 +184,14 @@ def roger(state: Any, **kwargs: Any) -> dict[str, Any]:
         if not isinstance(request.task, RogerTask):
             continue
         header = job_header(request.request_dict)
+        ek, qk = job_keys(request.request_dict)
         jobs.append({"id": request.id, "task": request.name, "queue": header.get("q"),
                      "pid": request.worker_pid, "started": request.time_start,
-                     "queue_key": header.get("qk"), "execution_key": header.get("ek")})
-        if header.get("ek"):
-            execution_keys.append(header["ek"])
-        if header.get("qk"):
-            queue_keys.append(header["qk"])
+                     "queue_key": qk or None, "execution_key": ek or None})
+        if ek:
+            execution_keys.append(ek)
+        if qk:
+            queue_keys.append(qk)
     waiting = [r.id for r in admission.admitted.values() if not r._roger_started]
     queues = admission.queues
     return {

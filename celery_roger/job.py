@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,37 @@ def job_header(request: Any) -> dict[str, Any]:
     return job if isinstance(job, dict) else {}
 
 
+def header_problem(request: Any) -> str | None:
+    """What is wrong with the ``roger`` header of a request dict (None: absent or sound).
+
+    Roger ignores what is wrong (a header that is not a mapping, fields of the wrong type)
+    and treats it as absent; this says what, for a warning.
+    """
+    job = request.get(HEADER) if isinstance(request, dict) else None
+    if job is None:
+        return None
+    if not isinstance(job, dict):
+        return f"not a mapping but {type(job).__name__} {_preview(job)}"
+    wrong = [f"{name}={_preview(value)}" for name, value in job.items()
+             if value is not None and not _sound_field(name, value)]
+    return f"fields of the wrong type: {', '.join(wrong)}" if wrong else None
+
+
+def _sound_field(name: str, value: Any) -> bool:
+    if name in ("q", "qk", "ek"):
+        return isinstance(value, str)
+    if name == "at":
+        return _finite(value) is not None
+    if name == "rc":
+        return _count(value) is not None
+    return True
+
+
+def _preview(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
+
+
 MAX_RECORDED_ARGS = 8192
 
 
@@ -44,9 +76,18 @@ def _key(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _number(value: Any, default: float = 0.0) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
-        else default
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _count(value: Any) -> int | None:
+    """A retry count: an integer >= 0 (a float with no fraction is accepted)."""
+    number = _finite(value)
+    return int(number) if number is not None and number >= 0 and number == int(number) \
+        else None
 
 
 @dataclass(frozen=True)
@@ -82,7 +123,7 @@ class Job:
             id=job_id, task=task, args=tuple(args or ()), kwargs=dict(kwargs or {}),
             queue=q if isinstance(q, str) and q else queue,
             queue_key=_key(header.get("qk")), execution_key=_key(header.get("ek")),
-            retry_count=int(_number(header.get("rc"))), queued_at=_number(header.get("at")),
+            retry_count=_count(header.get("rc")) or 0, queued_at=_finite(header.get("at")) or 0.0,
             started_at=time.time() if started_at is None else started_at,
         )
 

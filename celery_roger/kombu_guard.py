@@ -1,4 +1,8 @@
-"""A guard around one kombu defect that stops a worker when its Redis broker restarts.
+"""Guards around kombu defects that stop a worker on a Redis broker.
+
+``guard_redis_foreign_entries``: a queue entry that is not a kombu message (below).
+
+``guard_redis_restore``: the Redis broker restarts.
 
 When the Redis broker goes away while the worker holds unacknowledged messages (late ack,
 roger's default), Celery closes the broken connection. kombu's Redis channel of that
@@ -16,7 +20,10 @@ lost, and a job that had finished may run again (at least once, as in Roger).
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
+
+logger = logging.getLogger("celery_roger")
 
 
 def guard_redis_restore() -> None:
@@ -40,3 +47,63 @@ def guard_redis_restore() -> None:
 
     _get_pool.roger_guarded = True  # type: ignore[attr-defined]
     setattr(transport.Channel, "_get_pool", _get_pool)  # noqa: B010 - a method, on purpose
+
+
+class NotAMessage(ValueError):
+    """An entry of a Redis broker queue that is not a kombu message."""
+
+
+def guard_redis_foreign_entries() -> None:
+    """Keep the worker running when a queue holds an entry that is not a kombu message.
+
+    kombu's Redis transport stops the worker ("Unrecoverable error") on a queue entry that
+    is not JSON, or is JSON without a kombu message's fields: something another program
+    pushed into the queue's list. With this guard such an entry is logged (its first
+    bytes) and discarded, and the worker goes on. Messages in kombu's format, even with a
+    body that cannot be decoded or a task this worker does not know, are Celery's to
+    handle (it logs and rejects them); the guard does not touch them. Idempotent.
+    """
+    try:
+        from kombu.transport import redis as transport
+    except ImportError:  # pragma: no cover - redis-py is a dependency
+        return
+    original_read = transport.Channel._brpop_read
+    if getattr(original_read, "roger_guarded", False):
+        return
+    original_loads = transport.loads
+
+    def loads(raw: Any) -> Any:
+        try:
+            return original_loads(raw)
+        except ValueError as exc:
+            raise NotAMessage(f"not JSON ({exc}): {_preview(raw)}") from exc
+
+    base: Any = transport.Channel.Message
+
+    class Message(base):
+        def __init__(self, payload: Any, channel: Any = None, **kwargs: Any) -> None:
+            try:
+                super().__init__(payload, channel=channel, **kwargs)
+                if not {"exchange", "routing_key"} <= set(self.delivery_info or ()):
+                    raise ValueError("its delivery_info lacks exchange or routing_key")
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise NotAMessage(f"not a kombu message ({type(exc).__name__}: {exc}): "
+                                  f"{_preview(payload)}") from exc
+
+    @functools.wraps(original_read)
+    def _brpop_read(self: Any, **options: Any) -> Any:
+        try:
+            return original_read(self, **options)
+        except NotAMessage as exc:
+            logger.error("Discarded an entry of a broker queue that is %s", exc)
+            return True
+
+    _brpop_read.roger_guarded = True  # type: ignore[attr-defined]
+    setattr(transport, "loads", loads)  # noqa: B010 - the transport's own name for it
+    transport.Channel.Message = Message
+    setattr(transport.Channel, "_brpop_read", _brpop_read)  # noqa: B010 - a method, on purpose
+
+
+def _preview(raw: Any) -> str:
+    text = repr(raw)
+    return text if len(text) <= 200 else text[:200] + "..."

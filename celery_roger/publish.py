@@ -45,10 +45,13 @@ def publish(app: Celery, send: Callable, name: str, args: Any, kwargs: Any,
     from .task import RogerTask
 
     headers = options.get("headers") or {}
-    if HEADER in headers or options.get("retries"):
+    if isinstance(headers.get(HEADER), dict) or options.get("retries"):
         # A roger job published again (Celery's retry): it keeps the keys it was first
         # published with, and a retry never takes its queue key again.
         return send(name, args, kwargs, **options)
+    if headers.get(HEADER) is not None:
+        logger.warning("%s: headers[%r] is not roger's header (%s); it is replaced", name,
+                       HEADER, type(headers[HEADER]).__name__)
 
     task = app.tasks.get(name)
     if isinstance(task, RogerTask):

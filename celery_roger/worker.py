@@ -41,8 +41,8 @@ from . import events
 from .control import QueueControl
 from .errors import JobTimeout, WorkerCrashed
 from .failure import job_from_stored, publish_stored, record
-from .job import FRESH_ADMISSION_SECONDS, Job, job_header, small_arguments
-from .kombu_guard import guard_redis_restore
+from .job import FRESH_ADMISSION_SECONDS, Job, header_problem, job_header, small_arguments
+from .kombu_guard import guard_redis_foreign_entries, guard_redis_restore
 from .publish import capture, republish
 from .runtime import runtime
 from .store import DueRetry, Promotion, loads
@@ -248,6 +248,10 @@ class Admission:
         return self.admit(request)
 
     def admit(self, request: Any) -> Any:
+        problem = header_problem(request.request_dict)
+        if problem is not None:
+            logger.warning("Job %s[%s]: its roger header is malformed (%s); it runs as if "
+                           "those parts were absent", request.name, request.id, problem)
         ek, qk = job_keys(request.request_dict)
         request._request_dict["roger_instance"] = self.instance
         if not ek:
@@ -651,6 +655,40 @@ def _revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
             runtime(sender.app).callbacks.emit(sender, "on_cancel", job)
 
 
+@signals.task_rejected.connect(weak=False, dispatch_uid="celery_roger.task_rejected")
+def _rejected(sender: Any = None, message: Any = None, exc: Any = None, **_: Any) -> None:
+    """The worker refused a job's message (content it does not accept, a malformed
+    message) and dropped it: its keys are freed and, unlike Celery, which stores nothing
+    then, its state becomes FAILURE."""
+    if _refused(sender, message) and isinstance(exc, Exception):
+        try:
+            sender.app.backend.mark_as_failure(message.headers["id"], exc)
+        except Exception:
+            logger.exception("could not store FAILURE for job %s", message.headers["id"])
+
+
+@signals.task_unknown.connect(weak=False, dispatch_uid="celery_roger.task_unknown")
+def _unknown(sender: Any = None, message: Any = None, **_: Any) -> None:
+    """The worker does not know the job's task and dropped it (Celery stores FAILURE)."""
+    _refused(sender, message)
+
+
+def _refused(sender: Any, message: Any) -> bool:
+    """Free the keys of a roger job whose message this worker dropped unseen by roger;
+    returns whether it was a roger job."""
+    app = getattr(sender, "app", None)
+    headers = getattr(message, "headers", None)
+    if app is None or "_roger_runtime" not in app.__dict__ or not isinstance(headers, dict) \
+            or not job_header(headers) or not isinstance(headers.get("id"), str):
+        return False
+    ek, qk = job_keys(headers)
+    if ek or qk:
+        logger.warning("Job %s[%s] was refused by this worker: releasing its keys",
+                       headers.get("task"), headers["id"])
+        _finish_quietly(app, headers["id"], ek, qk)
+    return True
+
+
 @signals.worker_init.connect(weak=False, dispatch_uid="celery_roger.worker_init")
 def _events_on(sender: Any = None, **_: Any) -> None:
     """``celery worker -E``: roger's task events are on in this worker and its pool."""
@@ -673,6 +711,7 @@ def install_worker_parts(app: Celery) -> None:
     """Register the consumer bootstep on ``app`` (signal receivers are global)."""
     app.steps["consumer"].add(RogerConsumerStep)
     guard_redis_restore()
+    guard_redis_foreign_entries()
 
 
 __all__ = ["RogerConsumerStep", "RogerRequest", "finish_job", "hand_off", "install_worker_parts"]
