@@ -18,13 +18,17 @@ class DuplicateJob(RogerError):
     """
 
     def __init__(self, queue_key: str, existing_id: str, task_name: str = "") -> None:
+        # The arguments are the exception's args, so that a result backend that stores
+        # an exception as its type and args (JSON) rebuilds it with its attributes.
+        super().__init__(queue_key, existing_id, task_name)
         self.queue_key = queue_key
         self.existing_id = existing_id
         self.task_name = task_name
-        what = f"{task_name}: " if task_name else ""
-        super().__init__(
-            f"{what}queue key {queue_key!r} is held by job {existing_id}; nothing was published"
-        )
+
+    def __str__(self) -> str:
+        what = f"{self.task_name}: " if self.task_name else ""
+        return (f"{what}queue key {self.queue_key!r} is held by job {self.existing_id}; "
+                "nothing was published")
 
     def __reduce__(self):  # keep the attributes across pickling (result backends, pools)
         return (type(self), (self.queue_key, self.existing_id, self.task_name))
