@@ -15,7 +15,7 @@ from celery.utils import uuid
 from celery.utils.iso8601 import parse_iso8601 as isoparse
 from redis.exceptions import RedisError
 
-from . import events
+from . import canvas, events
 from .errors import DuplicateJob
 from .job import HEADER
 from .runtime import runtime
@@ -87,6 +87,11 @@ def publish(app: Celery, send: Callable, name: str, args: Any, kwargs: Any,
     store = runtime(app).store
     holder = store.take_queue_key(queue_key, task_id)
     if holder is not None:
+        if canvas.in_canvas(options):
+            # Dependents wait on this job's own id: it is refused as a failure (canvas.py).
+            events.send(app, "deduplicated", holder, queue_key=queue_key, refused_task=name)
+            return canvas.refuse(app, task, name, args, kwargs, options,
+                                 DuplicateJob(queue_key, holder, name))
         if on_duplicate == "existing":
             logger.debug("%s: queue key %r is held by %s; returning it", name, queue_key, holder)
             events.send(app, "deduplicated", holder, queue_key=queue_key, refused_task=name)
