@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
+from celery.app.task import Context
 from kombu.serialization import loads, prepare_accept_content
 
 from . import events
@@ -111,18 +112,37 @@ def job_from_stored(app: Celery, job_id: str, stored: dict[str, Any]) -> Job:
         return Job.from_header(job_id, stored.get("task", ""), stored.get("args"),
                                stored.get("kwargs"), job_header(headers), started_at=0.0)
     headers = raw.get("headers") or {}
-    args: Any = ()
-    kwargs: Any = {}
+    args, kwargs, _ = _body(app, job_id, raw)
+    return Job.from_header(job_id, str(headers.get("task", "")), args, kwargs,
+                           job_header(headers), queue=stored.get("queue", ""), started_at=0.0)
+
+
+def request_from_stored(app: Celery, job_id: str, stored: dict[str, Any]) -> Context:
+    """The request of a job kept in Redis, with what a result backend needs to count
+    the job in its chord (group, group index, chord callback)."""
+    raw = stored.get("raw") or (stored if "body" in stored else None)
+    if raw is None:
+        options = stored.get("options") or {}
+        return Context(id=job_id, group=options.get("group_id"),
+                       group_index=options.get("group_index"), chord=options.get("chord"))
+    headers = raw.get("headers") or {}
+    _, _, embed = _body(app, job_id, raw)
+    return Context(id=job_id, group=headers.get("group"), group_index=headers.get("group_index"),
+                   chord=embed.get("chord"))
+
+
+def _body(app: Celery, job_id: str, raw: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
+    """(args, kwargs, embed) of a captured message; empty if it cannot be decoded."""
     try:
         body = loads(base64.b64decode(raw["body"]), raw["content_type"],
                      raw["content_encoding"],
                      accept=prepare_accept_content(app.conf.accept_content))
         if isinstance(body, (list, tuple)) and len(body) >= 2:
-            args, kwargs = body[0], body[1]
+            embed = body[2] if len(body) > 2 and isinstance(body[2], dict) else {}
+            return body[0], body[1], embed
     except Exception:
         logger.debug("could not decode the body of job %s", job_id, exc_info=True)
-    return Job.from_header(job_id, str(headers.get("task", "")), args, kwargs,
-                           job_header(headers), queue=stored.get("queue", ""), started_at=0.0)
+    return (), {}, {}
 
 
 def record(task: Any, job: Job, context: Any, error: BaseException, traceback: str | None,

@@ -40,7 +40,7 @@ from redis.exceptions import RedisError
 from . import events
 from .control import QueueControl
 from .errors import JobTimeout, WorkerCrashed
-from .failure import job_from_stored, publish_stored, record
+from .failure import job_from_stored, publish_stored, record, request_from_stored
 from .job import FRESH_ADMISSION_SECONDS, Job, header_problem, job_header, small_arguments
 from .kombu_guard import guard_redis_foreign_entries, guard_redis_restore
 from .publish import capture, republish
@@ -234,7 +234,7 @@ class Admission:
         #: thread (callbacks never run in the event loop)
         self.crashed: collections.deque[dict[str, Any]] = collections.deque()
         #: (task, job) cancelled here, to report from the lease thread
-        self.cancel_reports: collections.deque[tuple[Any, Job]] = collections.deque()
+        self.cancel_reports: collections.deque[tuple[Any, Job, Any]] = collections.deque()
         #: job ids that Celery's own revoke named, to cancel in roger state too
         self.revoked_ids: collections.deque[str] = collections.deque()
         self.lease: WorkerLease | None = None
@@ -286,7 +286,8 @@ class Admission:
             logger.info("Dropped cancelled job %s[%s]", request.name, request.id)
             finish_job(self.app, request.id, execution_key=ek, queue_key=qk)
             if admission.position:
-                self.report_cancel(request.task, Job.from_request(request, started_at=0.0))
+                self.report_cancel(request.task, Job.from_request(request, started_at=0.0),
+                                   request._roger_context())
             return self._drop(request)
         if admission.outcome == "paused":
             try:
@@ -312,9 +313,9 @@ class Admission:
         worker_state.task_ready(request)
         request.acknowledge()
 
-    def report_cancel(self, task: Any, job: Job) -> None:
+    def report_cancel(self, task: Any, job: Job, request: Any = None) -> None:
         """Have the lease thread mark the job REVOKED and run on_cancel (not this loop)."""
-        self.cancel_reports.append((task, job))
+        self.cancel_reports.append((task, job, request))
         if self.lease is not None:
             self.lease.wakeup.set()
 
@@ -436,11 +437,12 @@ class WorkerLease(threading.Thread):
                 publish_due(self.app, self.store.take_due())
         for report in result.cancel_reports:
             job_id = str(report.get("job"))
-            job = job_from_stored(self.app, job_id, loads(report["stored"])
-                                  if isinstance(report.get("stored"), str) else {})
+            stored = loads(report["stored"]) if isinstance(report.get("stored"), str) else {}
+            job = job_from_stored(self.app, job_id, stored)
             logger.info("Cancelled job %s[%s] (it waited: %s)", job.task, job_id,
                         report.get("where"))
-            self._cancelled(self.app.tasks.get(job.task), job)
+            self._cancelled(self.app.tasks.get(job.task), job,
+                            request_from_stored(self.app, job_id, stored))
         self._report_local()
         for promotion in result.republish:
             hand_off(self.app, promotion)
@@ -484,13 +486,14 @@ class WorkerLease(threading.Thread):
             except RedisError as exc:
                 logger.warning("could not record Celery's revoke of %s: %s", job_id, exc)
         while self.admission.cancel_reports:
-            task, job = self.admission.cancel_reports.popleft()
-            self._cancelled(task, job)
+            self._cancelled(*self.admission.cancel_reports.popleft())
 
-    def _cancelled(self, task: Any, job: Job) -> None:
+    def _cancelled(self, task: Any, job: Job, request: Any = None) -> None:
+        """Store REVOKED and run on_cancel. ``request``: the job's request, to count it in
+        its chord; None where Celery has already done that (its own revoke)."""
         backend = (task or self.app).backend
         try:
-            backend.mark_as_revoked(job.id, "cancelled")
+            backend.mark_as_revoked(job.id, "cancelled", request=request)
         except Exception:
             logger.exception("could not store REVOKED for job %s", job.id)
         events.send(self.app, "cancelled", job.id)
