@@ -14,8 +14,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
+from redis.exceptions import RedisError
 
 from .api import Roger
+from .config import redact_url
 from .errors import RogerError
 
 
@@ -38,10 +40,18 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise
         except (ValueError, TypeError, RogerError) as exc:
             raise click.ClickException(str(exc)) from None
+        except RedisError as exc:
+            raise click.ClickException(f"{_redis_name()}: {type(exc).__name__}: {exc}") from None
         except Exception as exc:
             raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
 
     return wrapper
+
+
+def _redis_name() -> str:
+    """Roger's Redis, for an error message: its URL without the password."""
+    url = _roger(click.get_current_context()).store.settings.redis_url
+    return f"roger's Redis at {redact_url(url)}"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -124,10 +126,38 @@ def _default_redis_url(app: Celery) -> str:
 
 
 def redact_url(url: Any) -> Any:
-    """The URL with any password replaced, for error messages and logs."""
-    if not isinstance(url, str) or "@" not in url:
+    """The URL with any password replaced (before its ``@``, or a ``password=`` query
+    parameter, as redis-py reads it), for error messages and logs."""
+    if not isinstance(url, str):
         return url
-    scheme, _, rest = url.partition("://")
-    creds, _, host = rest.rpartition("@")
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user + ':' if user else ''}***@{host}"
+    scheme, sep, rest = url.partition("://")
+    location, qsep, query = rest.partition("?")
+    if "@" in location:
+        creds, _, host = location.rpartition("@")
+        user = creds.split(":", 1)[0]
+        location = f"{user + ':' if user else ''}***@{host}"
+    query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", query)
+    return f"{scheme}{sep}{location}{qsep}{query}"
+
+
+def hide_in_reports() -> None:
+    """Have ``celery report`` and ``celery inspect conf`` hide the password of
+    ``roger_redis_url``, as Celery does for its broker and backend URLs (idempotent)."""
+    from celery.app import utils
+
+    original = utils.filter_hidden_settings
+    if getattr(original, "roger", False):
+        return
+
+    @functools.wraps(original)
+    def filter_hidden_settings(conf: Any) -> Any:
+        return {key: redact_url(value) if isinstance(key, str)
+                and key.lower().endswith("roger_redis_url") else value
+                for key, value in original(conf).items()}
+
+    filter_hidden_settings.roger = True  # type: ignore[attr-defined]
+    utils.filter_hidden_settings = filter_hidden_settings
+
+
+# On import: `celery report` may print the settings before any task is bound to its app.
+hide_in_reports()

@@ -16,6 +16,7 @@ from typing import Any
 from flask import Flask, Response, abort, jsonify, request
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 from werkzeug.serving import make_server
 
@@ -96,6 +97,11 @@ def create_app(roger: Roger, token: str | None) -> Flask:
     @web.errorhandler(ValueError)
     def bad_request(exc: ValueError) -> Any:
         return jsonify(error=str(exc)), 400
+
+    @web.errorhandler(RedisError)
+    def redis_error(exc: RedisError) -> Any:
+        url = redact_url(roger.store.settings.redis_url)
+        return jsonify(error=f"roger's Redis at {url}: {type(exc).__name__}: {exc}"), 503
 
     @web.get("/api/roger/info")
     def api_info() -> Any:

@@ -35,11 +35,12 @@ from celery.utils.saferepr import saferepr as safe_repr
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 from celery.worker.state import task_ready
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, RedisError
 
 from . import events
+from .config import redact_url
 from .control import QueueControl
-from .errors import JobTimeout, WorkerCrashed
+from .errors import ConfigurationError, JobTimeout, WorkerCrashed
 from .failure import job_from_stored, publish_stored, record, request_from_stored
 from .job import FRESH_ADMISSION_SECONDS, Job, header_problem, job_header, small_arguments
 from .kombu_guard import guard_redis_foreign_entries, guard_redis_restore
@@ -523,6 +524,21 @@ class WorkerLease(threading.Thread):
         self.wakeup.set()
 
 
+def _check_credentials(app: Celery) -> None:
+    """Stop the worker at start if roger's Redis refuses its credentials: a setting to
+    fix, not an outage to wait out (the lease thread waits out an unreachable Redis)."""
+    store = runtime(app).store
+    try:
+        store.redis.ping()
+    except AuthenticationError as exc:
+        raise ConfigurationError(
+            f"setting roger_redis_url: Redis at {redact_url(store.settings.redis_url)} "
+            f"refused the credentials: {exc}"
+        ) from exc
+    except RedisError:
+        pass
+
+
 class RogerConsumerStep(bootsteps.StartStopStep):
     """Installs admission and starts the lease thread before the worker consumes."""
 
@@ -534,6 +550,7 @@ class RogerConsumerStep(bootsteps.StartStopStep):
 
     def start(self, c: Any) -> None:
         runtime(c.app).callbacks  # noqa: B018 (a bad roger_callbacks stops the worker here)
+        _check_credentials(c.app)
         if not isinstance(c.on_task_request, Admission):
             instance = f"{c.hostname}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
             c.on_task_request = Admission(c, c.app, instance)

@@ -230,3 +230,52 @@ def _signal(name):
 
 for _name in ("before_run", "after_run", "on_error", "on_buried"):
     getattr(signals, _name).connect(_signal(_name), weak=False)
+
+
+# -- tests/test_canvas.py: chains, groups, chords and beat -----------------------------
+
+
+@app.task(base=RogerTask)
+def append(acc, run, name, duration=0.0):
+    """A canvas link: records start/stop around ``duration`` seconds, returns acc + [name]."""
+    step(run, name, duration)
+    return [*acc, name]
+
+
+@app.task(base=RogerTask)
+def gate(run, name, timeout=30.0):
+    """Runs until the test opens it (sets ``gate:<run>:<name>``), at most ``timeout`` s."""
+    record(run, "start", name=name)
+    deadline = time.monotonic() + timeout
+    while not timeline.exists(f"gate:{run}:{name}") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    record(run, "stop", name=name)
+    return name
+
+
+@app.task(base=RogerTask, bind=True, queue_key=lambda run, duration=0.0: f"{run}:beat",
+          on_duplicate="existing")
+def beat_report(self, run, duration=0.0):
+    """Sent by celery beat (ROGER_TEST_BEAT_RUN); at most one pending per run."""
+    record(run, "start", name=self.request.id)
+    time.sleep(duration)
+    record(run, "stop", name=self.request.id)
+
+
+@app.task(base=RogerTask, queue_key=lambda run, duration=0.0: f"{run}:beat-strict")
+def beat_strict(run, duration=0.0):
+    """Like beat_report, with on_duplicate="raise"."""
+    time.sleep(duration)
+
+
+if os.environ.get("ROGER_TEST_BEAT_RUN"):
+    # One entry: ROGER_TEST_BEAT_TASK(run, duration) every 0.3 s, with the apply_async
+    # options in ROGER_TEST_BEAT_OPTIONS (JSON).
+    app.conf.beat_schedule = {
+        "canvas-beat": {
+            "task": f"roger_app.{os.environ['ROGER_TEST_BEAT_TASK']}", "schedule": 0.3,
+            "args": (os.environ["ROGER_TEST_BEAT_RUN"],
+                     float(os.environ.get("ROGER_TEST_BEAT_DURATION", "0"))),
+            "options": json.loads(os.environ.get("ROGER_TEST_BEAT_OPTIONS", "{}")),
+        },
+    }
