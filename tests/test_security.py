@@ -76,7 +76,11 @@ def acl_redis() -> Iterator[PrivateRedis]:
 
 
 def env_for(url: str, queue: str, **extra: str) -> dict[str, str]:
-    return {**os.environ, "ROGER_TEST_REDIS_URL": url, "ROGER_TEST_QUEUE": queue,
+    """roger_app's environment with broker, results and roger state all at ``url`` (these
+    tests are about that Redis, whatever broker the rest of the suite runs on)."""
+    inherited = {k: v for k, v in os.environ.items()
+                 if k not in ("ROGER_TEST_BROKER", "ROGER_TEST_STATE_URL")}
+    return {**inherited, "ROGER_TEST_REDIS_URL": url, "ROGER_TEST_QUEUE": queue,
             "PYTHONPATH": os.pathsep.join([str(APPS), os.environ.get("PYTHONPATH", "")]),
             **extra}
 
