@@ -110,6 +110,12 @@ def test_group_member_with_a_held_queue_key_fails_with_duplicate_job(app_module,
     assert g3.result.queue_key == f"{run}:q-earlier"
     assert r.llen(f"q-{run}") == 3, "earlier, g1 and g4 are queued; g2 and g3 are not"
     assert g4.state == "PENDING"
+    # The first job of a chain: nothing of the chain is published, all of it fails.
+    refused = chain(fragile.s(run, "x").set(queue_key=f"{run}:q1"),
+                    app_module.append.s(run, "y")).apply_async()
+    assert refused.state == "FAILURE" and refused.parent.state == "FAILURE"
+    assert refused.result.existing_id == g1.id
+    assert r.llen(f"q-{run}") == 3
     worker()
     outcome = members.get(timeout=30, propagate=False)
     assert outcome[0] == "g1" and outcome[3] == "g4"
@@ -204,10 +210,10 @@ def test_link_and_chord_callback_with_a_held_queue_key_are_refused_and_recorded(
 
 def test_chord_with_cancelled_members_fails_and_its_callback_never_runs(
         app_module, run, r, worker):
-    """Header members cancelled while parked, while waiting for a retry, and while
-    queued in the broker: the chord's callback is FAILURE(ChordError) and never runs;
-    on_cancel fires once each."""
-    worker(concurrency=2)
+    """Header members cancelled while parked, while waiting for a retry, while queued in
+    the broker and while running: the chord's callback is FAILURE(ChordError) and never
+    runs; on_cancel fires once each."""
+    worker(concurrency=3)
     store = runtime(app_module.app).store
     key = f"{run}:ek"
     fragile = app_module.fragile
@@ -216,9 +222,11 @@ def test_chord_with_cancelled_members_fails_and_its_callback_never_runs(
     parked = fragile.s(run, "parked").set(execution_key=key, queue_key=f"{run}:qp")
     queued = fragile.s(run, "queued").set(queue=f"q-{run}-late", queue_key=f"{run}:qq")
     retried = app_module.keyed_slow_retry.s(run, "retried", "fail")  # retry after 2 s
-    for member in (parked, queued, retried):
+    running = app_module.gate.s(run, "running")
+    members = (parked, queued, retried, running)
+    for member in members:
         member.freeze()
-    result = chord([fragile.s(run, "ok"), parked, queued, retried],
+    result = chord([fragile.s(run, "ok"), *members],
                    app_module.append.s(run, "cb")).apply_async()
     wait_until(lambda: store.parked_ids(key) == [parked.id], timeout=20,
                what="a header member to park")
@@ -228,15 +236,17 @@ def test_chord_with_cancelled_members_fails_and_its_callback_never_runs(
     assert roger.cancel(retried.id) == "retry", "the retry must still be waiting"
     assert roger.cancel(parked.id) == "parked"
     roger.cancel(queued.id)
+    wait_until(lambda: "running" in names(r, run), timeout=20, what="a member to start")
+    assert roger.cancel(running.id) == "running"
     worker(queues=[f"q-{run}-late"])
-    cancelled = ["parked", "queued", "retried"]
+    cancelled = ["parked", "queued", "retried", "running"]
     wait_until(lambda: sorted(callbacks(r, run, "on_cancel")) == cancelled,
-               timeout=20, what="on_cancel of the three cancelled members")
+               timeout=20, what="on_cancel of the four cancelled members")
     with pytest.raises(TaskRevokedError):
         result.get(timeout=30)
     # The callback's own result (the wait also ends the pending result's subscription).
     assert isinstance(result.get(timeout=10, propagate=False), ChordError)
-    for member in (parked, queued, retried):
+    for member in members:
         assert app_module.app.AsyncResult(member.id).state == "REVOKED"
     open_gate(r, run, "holder")
     wait_until(lambda: store.execution_key_holder(key) is None, timeout=10,
@@ -245,7 +255,7 @@ def test_chord_with_cancelled_members_fails_and_its_callback_never_runs(
     assert store.queue_key_holder(f"{run}:qq") is None
     assert store.queue_key_holder(f"{run}:q:retried") is None
     assert sorted(names(r, run, "attempt")) == ["ok", "retried"]
-    assert "cb" not in names(r, run)
+    assert "cb" not in names(r, run) and "running" not in names(r, run, "stop")
     assert sorted(callbacks(r, run, "on_cancel")) == cancelled
 
 
