@@ -20,10 +20,40 @@ from celery_roger.testing import RedisServer, WorkerProcess
 
 APPS = Path(__file__).parent / "apps"
 
+#: ROGER_TEST_BROKER runs the tests with another Celery broker (RabbitMQ); results and roger
+#: state stay in the private Redis. Unset: the private Redis is the broker too.
+TEST_BROKER = os.environ.get("ROGER_TEST_BROKER") or ""
+
+
+def on_redis_broker() -> bool:
+    return not TEST_BROKER or TEST_BROKER.startswith(("redis://", "rediss://"))
+
+
+#: broker_transport_options of the tests' publishers: on RabbitMQ a publish returns once the
+#: broker has the message, so a queue depth read right after it counts it.
+CONFIRMED_PUBLISH: dict[str, Any] = {} if on_redis_broker() else {"confirm_publish": True}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``redis_broker(reason)`` are about the Redis transport: skipped on others."""
+    if on_redis_broker():
+        return
+    for item in items:
+        marker = item.get_closest_marker("redis_broker")
+        if marker is not None:
+            why = marker.args[0] if marker.args else "about the Redis transport"
+            item.add_marker(pytest.mark.skip(reason=f"Redis broker only: {why}"))
+
 
 @pytest.fixture(scope="session")
 def redis_url(roger_redis: RedisServer) -> str:
     return roger_redis.url
+
+
+@pytest.fixture(scope="session")
+def broker_url(redis_url: str) -> str:
+    """The Celery broker of the test app, its workers and its publishers."""
+    return TEST_BROKER or redis_url
 
 
 @pytest.fixture(scope="session")
@@ -50,21 +80,52 @@ def run(app_module: Any) -> Iterator[str]:
     app_module.app.conf.task_default_queue = f"q-{run_id}"
     yield run_id
     app_module.app.conf.task_default_queue = "roger-test"
+    delete_queues(app_module.app, [f"q-{run_id}"])
 
 
 @pytest.fixture
 def worker(roger_worker_factory: Callable[..., WorkerProcess], redis_url: str,
-           run: str) -> Callable[..., WorkerProcess]:
+           run: str, app_module: Any) -> Iterator[Callable[..., WorkerProcess]]:
     """``worker(pool=..., concurrency=..., env=...)`` starts a real worker on this run's queue."""
+    started: list[WorkerProcess] = []
+    queues: set[str] = set()
 
     def start(**options: Any) -> WorkerProcess:
         env = {"ROGER_TEST_REDIS_URL": redis_url, "ROGER_TEST_QUEUE": f"q-{run}",
                "PYTHONPATH": os.pathsep.join([str(APPS), os.environ.get("PYTHONPATH", "")]),
                **options.pop("env", {})}
         options.setdefault("queues", [f"q-{run}"])
-        return roger_worker_factory("roger_app", cwd=str(APPS), env=env, **options)
+        queues.update(options["queues"])
+        started.append(w := roger_worker_factory("roger_app", cwd=str(APPS), env=env,
+                                                 **options))
+        return w
 
-    return start
+    yield start
+    for w in started:  # before their queues go (a consumer would declare them again)
+        w.stop()
+    delete_queues(app_module.app, sorted(queues))
+
+
+def broker_depth(app: Any, queue: str) -> int:
+    """Messages ready in ``queue`` as the broker counts them (not those delivered and
+    unacked); 0 for a queue the broker does not know."""
+    with app.connection_for_read() as conn:
+        try:
+            return int(conn.default_channel.queue_declare(queue=queue, passive=True)[1])
+        except conn.channel_errors:  # RabbitMQ: no such queue (Redis: an empty one)
+            return 0
+
+
+def delete_queues(app: Any, queues: list[str]) -> None:
+    """On RabbitMQ, a test's queues (and their exchanges) go with the test; a private
+    Redis goes with the session."""
+    if on_redis_broker():
+        return
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        for queue in queues:
+            channel.queue_delete(queue)
+            channel.exchange_delete(queue)
 
 
 def timeline(r: redis.Redis, run: str) -> list[dict[str, Any]]:

@@ -10,10 +10,10 @@ import time
 from celery_roger import Roger
 from celery_roger.runtime import runtime
 
-from .conftest import APPS, events, wait_until
+from .conftest import APPS, broker_depth, events, wait_until
 
 
-def test_beat_sending_a_keyed_task_every_tick_is_quiet(run, redis_url, r, tmp_path):
+def test_beat_sending_a_keyed_task_every_tick_is_quiet(app_module, run, redis_url, tmp_path):
     """celery beat sends a task with a queue key and on_duplicate="existing" every 0.2s:
     one message is queued, and beat logs no error."""
     queue = f"q-{run}"
@@ -34,7 +34,7 @@ def test_beat_sending_a_keyed_task_every_tick_is_quiet(run, redis_url, r, tmp_pa
             beat.wait(10)
     text = log.read_text()
     assert "Error" not in text and "Traceback" not in text, text
-    assert r.llen(queue) == 1, "only the first tick may publish"
+    assert broker_depth(app_module.app, queue) == 1, "only the first tick may publish"
 
 
 def test_purge_queue_drops_parked_jobs_and_releases_their_keys(app_module, run, r, worker):

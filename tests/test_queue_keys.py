@@ -1,4 +1,4 @@
-"""Queue keys: dedup at publish time (SPEC section 3), against a real Redis broker."""
+"""Queue keys: dedup at publish time (SPEC section 3), against a real broker."""
 
 from __future__ import annotations
 
@@ -15,17 +15,21 @@ from celery import Celery
 from celery_roger import DuplicateJob, Roger, RogerTask, install
 from celery_roger.runtime import runtime
 
-from .conftest import APPS, events, wait_until
+from .conftest import APPS, CONFIRMED_PUBLISH, broker_depth, events, on_redis_broker, wait_until
 
 
-def broker_depth(r: Any, queue: str) -> int:
-    return int(r.llen(queue))
-
-
-def make_app(redis_url: str, partition: str, **conf: Any) -> Celery:
-    app = Celery(f"app-{partition}", broker=redis_url, backend=redis_url)
-    app.conf.update(roger_partition=partition, task_default_queue=f"q-{partition}", **conf)
+def make_app(broker_url: str, redis_url: str, run: str, partition: str, **conf: Any) -> Celery:
+    """Another app on the test broker and Redis, publishing into this run's queue."""
+    app = Celery(f"app-{partition}", broker=broker_url, backend=redis_url)
+    app.conf.update(roger_redis_url=redis_url, roger_partition=partition,
+                    task_default_queue=f"q-{run}", broker_transport_options=CONFIRMED_PUBLISH,
+                    **conf)
     return app
+
+
+def queued(app_module: Any, run: str) -> int:
+    """Messages waiting in this run's queue, as the broker counts them."""
+    return broker_depth(app_module.app, f"q-{run}")
 
 
 def test_queue_key_is_computed_from_arguments(app_module, run):
@@ -33,26 +37,26 @@ def test_queue_key_is_computed_from_arguments(app_module, run):
     assert app_module.square.roger_keys((run, 2), {}) == (f"{run}:num-2", None)
 
 
-def test_second_publish_is_refused_while_first_is_queued(app_module, run, r):
+def test_second_publish_is_refused_while_first_is_queued(app_module, run):
     first = app_module.square.delay(run, 1)
     with pytest.raises(DuplicateJob) as info:
         app_module.square.delay(run, 1)
     assert info.value.queue_key == f"{run}:num-1"
     assert info.value.existing_id == first.id
-    assert broker_depth(r, f"q-{run}") == 1, "the refused publish must publish nothing"
+    assert queued(app_module, run) == 1, "the refused publish must publish nothing"
     # another key is independent
     app_module.square.delay(run, 2)
-    assert broker_depth(r, f"q-{run}") == 2
+    assert queued(app_module, run) == 2
 
 
-def test_on_duplicate_existing_returns_the_queued_job(app_module, run, r):
+def test_on_duplicate_existing_returns_the_queued_job(app_module, run):
     first = app_module.square.delay(run, 5)
     again = app_module.square.apply_async((run, 5), on_duplicate="existing")
     assert again.id == first.id
-    assert broker_depth(r, f"q-{run}") == 1
+    assert queued(app_module, run) == 1
 
 
-def test_per_call_keys_win_over_the_tasks_own(app_module, run, r):
+def test_per_call_keys_win_over_the_tasks_own(app_module, run):
     square = app_module.square
     a = square.apply_async((run, 1), queue_key=f"{run}:manual")
     with pytest.raises(DuplicateJob) as info:
@@ -63,7 +67,7 @@ def test_per_call_keys_win_over_the_tasks_own(app_module, run, r):
     # a per-call None removes the task's key
     square.apply_async((run, 1), queue_key=None)
     square.apply_async((run, 1), queue_key=None)
-    assert broker_depth(r, f"q-{run}") == 4
+    assert queued(app_module, run) == 4
 
 
 @pytest.mark.parametrize(
@@ -84,18 +88,18 @@ def test_bad_keys_raise_naming_task_and_key_and_publish_nothing(
         app_module.step.apply_async((run, "x"), **{kind: value})
     assert "roger_app.step" in str(info.value)
     assert fragment in str(info.value)
-    assert broker_depth(r, f"q-{run}") == 0
+    assert queued(app_module, run) == 0
     assert r.hlen("roger:{test}:qkeys") == 0 or not any(
         run in k.decode() for k in r.hkeys("roger:{test}:qkeys"))
 
 
-def test_key_of_exactly_1024_bytes_is_accepted(app_module, run, r):
+def test_key_of_exactly_1024_bytes_is_accepted(app_module, run):
     app_module.step.apply_async((run, "x"), queue_key="k" * 1024)
-    assert broker_depth(r, f"q-{run}") == 1
+    assert queued(app_module, run) == 1
 
 
-def test_key_callable_and_method_override(redis_url, run):
-    app = make_app(redis_url, f"p-{run}")
+def test_key_callable_and_method_override(broker_url, redis_url, run):
+    app = make_app(broker_url, redis_url, run, f"p-{run}")
 
     @app.task(base=RogerTask, queue_key=lambda account, *a, **kw: f"sync:{account}",
               execution_key="accounts")
@@ -115,7 +119,7 @@ def test_key_callable_and_method_override(redis_url, run):
     assert sync.acks_late is True
 
 
-def test_concurrent_publishers_exactly_one_wins(app_module, run, r, redis_url):
+def test_concurrent_publishers_exactly_one_wins(app_module, run, redis_url):
     """Eight publisher processes publish the same queue key at the same instant."""
     start_at = time.time() + 2.0
     env = {**os.environ, "ROGER_TEST_REDIS_URL": redis_url, "PYTHONPATH": str(APPS),
@@ -128,11 +132,13 @@ def test_concurrent_publishers_exactly_one_wins(app_module, run, r, redis_url):
     duplicates = {o["duplicate"] for o in outcomes if "duplicate" in o}
     assert len(published) == 1, outcomes
     assert duplicates == set(published), outcomes
-    assert broker_depth(r, f"q-{run}") == 1
+    assert queued(app_module, run) == 1
 
 
 def test_failed_broker_publish_releases_the_key(redis_url, run):
-    app = Celery("down", broker="redis://127.0.0.1:9/0")  # nothing listens on port 9
+    # Nothing listens on port 9.
+    down = "redis://127.0.0.1:9/0" if on_redis_broker() else "amqp://guest:guest@127.0.0.1:9//"
+    app = Celery("down", broker=down)
     app.conf.update(roger_redis_url=redis_url, roger_partition=f"p-{run}",
                     task_publish_retry=False, broker_connection_retry=False,
                     broker_connection_timeout=1)
@@ -147,8 +153,10 @@ def test_failed_broker_publish_releases_the_key(redis_url, run):
     assert runtime(app).store.queue_key_holder("k1") is None, "key must be released"
 
 
-def test_key_of_a_publisher_that_died_before_publishing_frees_itself(redis_url, run):
-    app = make_app(redis_url, f"p-{run}", roger_publish_grace_seconds=1)
+def test_key_of_a_publisher_that_died_before_publishing_frees_itself(broker_url, redis_url,
+                                                                    run):
+    app = make_app(broker_url, redis_url, run, f"p-{run}",
+                   roger_publish_grace_seconds=1)
 
     @app.task(base=RogerTask, name="grace.job")
     def job():
@@ -163,9 +171,9 @@ def test_key_of_a_publisher_that_died_before_publishing_frees_itself(redis_url, 
     assert store.queue_key_holder("k") == result.id
 
 
-def test_send_task_by_name_honours_per_call_keys(redis_url, run, r):
+def test_send_task_by_name_honours_per_call_keys(app_module, broker_url, redis_url, run):
     """A process that only publishes by name: install(app) and per-call keys."""
-    app = install(make_app(redis_url, "test"))
+    app = install(make_app(broker_url, redis_url, run, "test"))
     first = app.send_task("roger_app.step", (run, "a"), queue_key=f"{run}:by-name",
                           queue=f"q-{run}")
     with pytest.raises(DuplicateJob) as info:
@@ -175,13 +183,14 @@ def test_send_task_by_name_honours_per_call_keys(redis_url, run, r):
     existing = app.send_task("roger_app.step", (run, "c"), queue_key=f"{run}:by-name",
                              queue=f"q-{run}", on_duplicate="existing")
     assert existing.id == first.id
-    assert broker_depth(r, f"q-{run}") == 1
+    assert queued(app_module, run) == 1
     with pytest.raises(TypeError, match=r"roger_app\.step: execution_key must be a str"):
         app.send_task("roger_app.step", (run, "d"), execution_key=7)
 
 
-def test_partitions_do_not_see_each_others_keys(redis_url, run):
-    one, two = make_app(redis_url, f"one-{run}"), make_app(redis_url, f"two-{run}")
+def test_partitions_do_not_see_each_others_keys(broker_url, redis_url, run):
+    one = make_app(broker_url, redis_url, run, f"one-{run}")
+    two = make_app(broker_url, redis_url, run, f"two-{run}")
     def job():
         return None
 
@@ -217,12 +226,12 @@ def test_release_key_and_bad_kind(app_module, run):
         roger.release_key("bogus", "x")
 
 
-def test_purge_queue_removes_jobs_and_releases_their_keys(app_module, run, r):
+def test_purge_queue_removes_jobs_and_releases_their_keys(app_module, run):
     for n in range(3):
         app_module.square.delay(run, n)
     app_module.step.delay(run, "unkeyed")
     assert Roger(app_module.app).purge_queue(f"q-{run}") == 4
-    assert broker_depth(r, f"q-{run}") == 0
+    assert queued(app_module, run) == 0
     for n in range(3):
         app_module.square.delay(run, n)  # keys were released: no DuplicateJob
 

@@ -33,6 +33,11 @@ app.conf.update(
 # Any other settings, as a JSON object (tests/test_bad_input.py, tests/test_security.py).
 app.conf.update(json.loads(os.environ.get("ROGER_TEST_SETTINGS") or "{}"))
 
+if app.conf.broker_url.startswith("amqp"):
+    # A publish returns once RabbitMQ has the message: a queue depth read right after it
+    # counts it (tests/conftest.py: broker_depth).
+    app.conf.broker_transport_options = {"confirm_publish": True}
+
 if os.environ.get("ROGER_TEST_VISIBILITY"):
     # Redeliver unacked messages of a dead worker after this many seconds.
     app.conf.broker_transport_options = {
