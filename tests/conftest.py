@@ -6,6 +6,7 @@ import gc
 import importlib
 import json
 import os
+import signal
 import sys
 import time
 import uuid
@@ -101,7 +102,10 @@ def worker(roger_worker_factory: Callable[..., WorkerProcess], redis_url: str,
         return w
 
     yield start
-    for w in started:  # before their queues go (a consumer would declare them again)
+    # Stopped before their queues go (a consumer would declare them again); all at once.
+    for w in started:
+        w.kill(signal.SIGTERM)
+    for w in started:
         w.stop()
     delete_queues(app_module.app, sorted(queues))
 
