@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
+from celery.signals import before_task_publish
 from celery.utils import uuid
 from celery.utils.iso8601 import parse_iso8601 as isoparse
 from redis.exceptions import RedisError
@@ -128,6 +129,15 @@ def publish(app: Celery, send: Callable, name: str, args: Any, kwargs: Any,
             "longer than roger_publish_grace_seconds)", name, task_id, queue_key,
         )
     return result
+
+
+@before_task_publish.connect(weak=False, dispatch_uid="celery_roger.before_task_publish")
+def _no_broker_expiration(headers: Any = None, properties: Any = None, **_: Any) -> None:
+    """A roger job keeps Celery's ``expires`` but not the AMQP ``expiration`` Celery derives
+    from it: RabbitMQ would drop the expired message unseen, while the worker that receives
+    it revokes it (keys released, ``on_cancel`` once), as on Redis."""
+    if isinstance(properties, dict) and isinstance((headers or {}).get(HEADER), dict):
+        properties.pop("expiration", None)
 
 
 def expires_in(app: Celery, expires: Any) -> float | None:

@@ -202,10 +202,6 @@ def test_celerys_own_revoke_has_the_same_effect(app_module, run, r, roger, worke
     assert len(attempts(r, run, name)) == (1 if terminate else 0)
 
 
-@pytest.mark.redis_broker(
-    "RabbitMQ drops an expired message itself, unseen by any worker: no on_cancel, and the "
-    "queue key frees itself at expiry + grace (test_operations.py: "
-    "test_an_expiring_job_never_leaves_its_queue_key_stuck)")
 def test_expired_job_reports_on_cancel_once(app_module, run, r, roger, worker):
     result = app_module.fragile.apply_async((run, "a"), queue_key=f"{run}:qk", expires=0.5)
     time.sleep(1)

@@ -87,9 +87,9 @@ def test_parked_job_that_expired_hands_its_key_on(app_module, run, r, worker):
 
 
 def test_an_expiring_job_never_leaves_its_queue_key_stuck(app_module, run, r, worker):
-    """A broker may drop an expired message unseen (RabbitMQ does): its queue key then
-    frees itself at expiry plus the publish grace, and a job that reaches a worker in
-    time keeps its key for as long as it runs."""
+    """A broker may drop an expired message unseen (RabbitMQ with a queue TTL policy): its
+    queue key then frees itself at expiry plus the publish grace, and a job that reaches a
+    worker in time keeps its key for as long as it runs."""
     from dataclasses import replace
 
     from celery_roger.runtime import runtime
