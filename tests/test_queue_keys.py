@@ -230,8 +230,12 @@ def test_purge_queue_removes_jobs_and_releases_their_keys(app_module, run):
     for n in range(3):
         app_module.square.delay(run, n)
     app_module.step.delay(run, "unkeyed")
-    assert Roger(app_module.app).purge_queue(f"q-{run}") == 4
+    roger = Roger(app_module.app)
+    assert roger.info()["queues"][f"q-{run}"]["depth"] == 4  # the broker's count
+    assert roger.purge_queue(f"q-{run}") == 4
     assert queued(app_module, run) == 0
+    assert roger.info()["queues"][f"q-{run}"]["depth"] == 0
+    assert roger.purge_queue(f"q-{run}-never-declared") == 0
     for n in range(3):
         app_module.square.delay(run, n)  # keys were released: no DuplicateJob
 
