@@ -22,9 +22,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from kombu.utils.imports import symbol_by_name
-
 from . import signals
+from .config import import_setting
 from .errors import ConfigurationError
 from .job import Job
 
@@ -43,12 +42,7 @@ def resolve(setting: Any) -> tuple[Any, ...]:
     for item in items:
         obj = item
         if isinstance(item, str):
-            try:
-                obj = symbol_by_name(item)
-            except (ImportError, AttributeError, ValueError) as exc:
-                raise ConfigurationError(
-                    f"setting roger_callbacks: cannot import {item!r}: {exc}"
-                ) from exc
+            obj = import_setting("roger_callbacks", item)
         if inspect.isclass(obj):
             obj = obj()
         if not any(callable(getattr(obj, name, None)) for name in NAMES):

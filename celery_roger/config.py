@@ -90,20 +90,23 @@ class Settings:
         )
 
 
+def import_setting(name: str, path: str) -> Any:
+    """The object a setting names by its dotted path; an error naming the setting."""
+    from kombu.utils.imports import symbol_by_name
+
+    try:
+        return symbol_by_name(path)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigurationError(f"setting {name}: cannot import {path!r}: {exc}") from exc
+
+
 def redis_client(value: Any) -> Any:
     """``roger_redis_client``: a callable (or its dotted path) that returns the Redis
     client roger uses, for Sentinel or Cluster; None means ``roger_redis_url``."""
     if value is None:
         return None
     if isinstance(value, str):
-        from kombu.utils.imports import symbol_by_name
-
-        try:
-            value = symbol_by_name(value)
-        except (ImportError, AttributeError, ValueError) as exc:
-            raise ConfigurationError(
-                f"setting roger_redis_client: cannot import {value!r}: {exc}"
-            ) from exc
+        value = import_setting("roger_redis_client", value)
     if not callable(value):
         raise ConfigurationError(
             f"setting roger_redis_client must be a callable returning a Redis client, "
