@@ -212,6 +212,7 @@ def test_sigkill_of_a_whole_worker_mid_load_loses_nothing(app_module, run, r, wo
 # -- 2. Redis restarted under load ------------------------------------------------------------
 
 
+@pytest.mark.redis_broker("its broker is the Redis it restarts, whatever the run's broker")
 def test_redis_restart_under_load(app_module, run, r, worker, redis_url):
     """Broker and roger state in one Redis (appendonly) that restarts mid-load: publishes
     during the outage fail with a clear error and leave no key taken; every accepted job
