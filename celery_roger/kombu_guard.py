@@ -1,8 +1,9 @@
 """Guards around kombu defects that stop a worker on a Redis broker.
 
-``guard_redis_foreign_entries``: a queue entry that is not a kombu message (below).
+``guard_redis_transport()`` installs both (idempotent):
 
-``guard_redis_restore``: the Redis broker restarts.
+* a queue entry that is not a kombu message (``_guard_foreign_entries``, below);
+* the Redis broker restarts (``_guard_restore``):
 
 When the Redis broker goes away while the worker holds unacknowledged messages (late ack,
 roger's default), Celery closes the broken connection. kombu's Redis channel of that
@@ -26,15 +27,21 @@ from typing import Any
 logger = logging.getLogger("celery_roger")
 
 
-def guard_redis_restore() -> None:
-    """Install the guard on kombu's Redis transport (idempotent)."""
+def guard_redis_transport() -> None:
+    """Install the guards on kombu's Redis transport, once per process."""
     try:
         from kombu.transport import redis as transport
     except ImportError:  # pragma: no cover - redis-py is a dependency
         return
-    original = transport.Channel._get_pool
-    if getattr(original, "roger_guarded", False):
+    if getattr(transport, "roger_guarded", False):
         return
+    _guard_restore(transport)
+    _guard_foreign_entries(transport)
+    transport.roger_guarded = True  # type: ignore[attr-defined]
+
+
+def _guard_restore(transport: Any) -> None:
+    original = transport.Channel._get_pool
 
     @functools.wraps(original)
     def _get_pool(self: Any, asynchronous: bool = False) -> Any:
@@ -45,7 +52,6 @@ def guard_redis_restore() -> None:
             )
         return original(self, asynchronous)
 
-    _get_pool.roger_guarded = True  # type: ignore[attr-defined]
     setattr(transport.Channel, "_get_pool", _get_pool)  # noqa: B010 - a method, on purpose
 
 
@@ -53,7 +59,7 @@ class NotAMessage(ValueError):
     """An entry of a Redis broker queue that is not a kombu message."""
 
 
-def guard_redis_foreign_entries() -> None:
+def _guard_foreign_entries(transport: Any) -> None:
     """Keep the worker running when a queue holds an entry that is not a kombu message.
 
     kombu's Redis transport stops the worker ("Unrecoverable error") on a queue entry that
@@ -61,15 +67,9 @@ def guard_redis_foreign_entries() -> None:
     pushed into the queue's list. With this guard such an entry is logged (its first
     bytes) and discarded, and the worker goes on. Messages in kombu's format, even with a
     body that cannot be decoded or a task this worker does not know, are Celery's to
-    handle (it logs and rejects them); the guard does not touch them. Idempotent.
+    handle (it logs and rejects them); the guard does not touch them.
     """
-    try:
-        from kombu.transport import redis as transport
-    except ImportError:  # pragma: no cover - redis-py is a dependency
-        return
     original_read = transport.Channel._brpop_read
-    if getattr(original_read, "roger_guarded", False):
-        return
     original_loads = transport.loads
 
     def loads(raw: Any) -> Any:
@@ -98,7 +98,6 @@ def guard_redis_foreign_entries() -> None:
             logger.error("Discarded an entry of a broker queue that is %s", exc)
             return True
 
-    _brpop_read.roger_guarded = True  # type: ignore[attr-defined]
     setattr(transport, "loads", loads)  # noqa: B010 - the transport's own name for it
     transport.Channel.Message = Message
     setattr(transport.Channel, "_brpop_read", _brpop_read)  # noqa: B010 - a method, on purpose

@@ -43,7 +43,7 @@ from .control import QueueControl
 from .errors import ConfigurationError, JobTimeout, WorkerCrashed
 from .failure import job_from_stored, publish_stored, record, request_from_stored
 from .job import FRESH_ADMISSION_SECONDS, Job, header_problem, job_header, small_arguments
-from .kombu_guard import guard_redis_foreign_entries, guard_redis_restore
+from .kombu_guard import guard_redis_transport
 from .publish import capture, republish
 from .runtime import runtime
 from .store import DueRetry, Promotion, loads
@@ -730,8 +730,7 @@ def _die_with_parent(**_: Any) -> None:
 def install_worker_parts(app: Celery) -> None:
     """Register the consumer bootstep on ``app`` (signal receivers are global)."""
     app.steps["consumer"].add(RogerConsumerStep)
-    guard_redis_restore()
-    guard_redis_foreign_entries()
+    guard_redis_transport()
 
 
 __all__ = ["RogerConsumerStep", "RogerRequest", "finish_job", "hand_off", "install_worker_parts"]
