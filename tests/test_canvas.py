@@ -48,6 +48,12 @@ def open_gate(r: Any, run: str, name: str) -> None:
 # -- execution keys: a parked link runs later, and the canvas goes on ------------------
 
 
+def hold_execution_key(app_module: Any, r: Any, run: str, key: str) -> None:
+    """Start a gate job named "holder" with execution key ``key``; return once it runs."""
+    app_module.gate.apply_async((run, "holder"), execution_key=key)
+    wait_until(lambda: "holder" in names(r, run), timeout=20, what="the holder to start")
+
+
 def test_chain_link_parks_behind_a_held_execution_key_and_the_chain_goes_on(
         app_module, run, r, worker):
     """A chain link whose execution key is held parks; the rest of the chain follows it."""
@@ -55,8 +61,7 @@ def test_chain_link_parks_behind_a_held_execution_key_and_the_chain_goes_on(
     store = runtime(app_module.app).store
     key = f"{run}:ek"
     append = app_module.append
-    app_module.gate.apply_async((run, "holder"), execution_key=key)
-    wait_until(lambda: "holder" in names(r, run), timeout=20, what="the holder to start")
+    hold_execution_key(app_module, r, run, key)
     result = chain(append.s([], run, "a"), append.s(run, "b").set(execution_key=key),
                    append.s(run, "c")).apply_async()
     b = result.parent
@@ -76,8 +81,7 @@ def test_chord_callback_parks_behind_a_held_execution_key_and_runs_later(
     worker(concurrency=2)
     store = runtime(app_module.app).store
     key = f"{run}:ek"
-    app_module.gate.apply_async((run, "holder"), execution_key=key)
-    wait_until(lambda: "holder" in names(r, run), timeout=20, what="the holder to start")
+    hold_execution_key(app_module, r, run, key)
     result = chord([app_module.fragile.s(run, "h1"), app_module.fragile.s(run, "h2")],
                    app_module.append.s(run, "cb").set(execution_key=key)).apply_async()
     wait_until(lambda: store.parked_ids(key) == [result.id], timeout=20,
@@ -217,8 +221,7 @@ def test_chord_with_cancelled_members_fails_and_its_callback_never_runs(
     store = runtime(app_module.app).store
     key = f"{run}:ek"
     fragile = app_module.fragile
-    app_module.gate.apply_async((run, "holder"), execution_key=key)
-    wait_until(lambda: "holder" in names(r, run), timeout=20, what="the holder to start")
+    hold_execution_key(app_module, r, run, key)
     parked = fragile.s(run, "parked").set(execution_key=key, queue_key=f"{run}:qp")
     queued = fragile.s(run, "queued").set(queue=f"q-{run}-late", queue_key=f"{run}:qq")
     retried = app_module.keyed_slow_retry.s(run, "retried", "fail")  # retry after 2 s
