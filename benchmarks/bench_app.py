@@ -14,8 +14,11 @@ from celery_roger import RogerTask
 
 URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/9")
 
-app = Celery("bench_app", broker=URL, backend=URL)
+#: BENCH_BROKER_URL: Celery's broker when it is not the private Redis (RabbitMQ figures).
+BROKER = os.environ.get("BENCH_BROKER_URL") or URL
+app = Celery("bench_app", broker=BROKER, backend=URL)
 app.conf.update(
+    roger_redis_url=URL,
     task_default_queue=os.environ.get("BENCH_QUEUE", "bench"),
     roger_partition="bench",
     task_ignore_result=True,
@@ -25,7 +28,17 @@ app.conf.update(
           "settings": {"url": URL, "default_timeout": 3600}},
     singleton_backend_url=URL,
 )
+if BROKER.startswith("amqp"):
+    # "published" means "accepted by RabbitMQ" (README: Publish in one round trip).
+    app.conf.broker_transport_options = {"confirm_publish": True}
 r = redis.Redis.from_url(URL)
+
+#: The same publisher without fused publish: take, publish, confirm (the long road).
+long_road = Celery("bench_long_road", broker=BROKER, backend=URL)
+long_road.conf.update(roger_redis_url=URL, roger_partition="bench", task_ignore_result=True,
+                      roger_fused_publish=False,
+                      task_default_queue=os.environ.get("BENCH_QUEUE", "bench"),
+                      broker_transport_options=app.conf.broker_transport_options)
 
 
 def done(counter: str) -> None:
@@ -48,6 +61,12 @@ def roger_nokey(counter: str = "") -> None:
 def roger_qk(counter: str = "", n: int = 0) -> None:
     if counter:
         done(counter)
+
+
+@long_road.task(base=RogerTask,
+                queue_key=lambda counter="", n=0: f"q:{n}")
+def roger_qk_long_road(counter: str = "", n: int = 0) -> None:
+    pass
 
 
 @app.task(base=RogerTask, execution_key=lambda counter="", n=0: f"e:{n}")

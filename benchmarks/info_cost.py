@@ -20,9 +20,12 @@ def main() -> None:
         roger = Roger(app)
         store = roger.store
         holder = {"job": "holder", "instance": "bench", "queue": "default", "worker": "w@h"}
+        store.renew("bench", registered=False)
         store.admit("holder", instance="bench", execution_key="hot", info=holder, message={})
         started = time.perf_counter()
         for i in range(100_000):
+            if i % 1000 == 0:
+                store.renew("bench")
             key = f"k{i % 100}" if i % 2 else "hot"
             store.admit(f"p{i}", instance="bench", execution_key=key,
                         info={"job": f"p{i}", "instance": "bench", "queue": "default"},

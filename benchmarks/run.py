@@ -10,6 +10,7 @@ private redis-server (broker, results and roger state) and real prefork workers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -34,6 +35,8 @@ def main() -> int:
     parser.add_argument("--json", default=str(HERE / "results.json"))
     parser.add_argument("--only", choices=["publish", "throughput", "handoff", "commands"],
                         help="run one part")
+    parser.add_argument("--broker", help="Celery's broker, e.g. amqp://guest:guest@127.0.0.1"
+                        ":5672// (results and roger state stay in the private Redis)")
     opts = parser.parse_args()
     rounds = 3 if opts.quick else 5
     n_publish = 1000 if opts.quick else 2000
@@ -43,6 +46,8 @@ def main() -> int:
 
     with RedisServer() as server:
         os.environ["BENCH_REDIS_URL"] = server.url
+        if opts.broker:
+            os.environ["BENCH_BROKER_URL"] = opts.broker
         import bench_app as b
 
         r = b.r
@@ -50,13 +55,24 @@ def main() -> int:
                                      "cpus": os.cpu_count(), "platform": platform.platform()}}
 
         def part(name: str) -> bool:
+            if opts.broker and opts.only is None:  # another broker: publish and throughput
+                return name in ("publish", "throughput")
             return opts.only in (None, name)
+
+        def drop_queue(name: str, purge: bool = False) -> None:
+            if opts.broker:
+                with b.app.connection_for_write() as conn:
+                    channel = conn.default_channel
+                    with contextlib.suppress(*conn.channel_errors):  # not declared (yet)
+                        channel.queue_purge(name) if purge else channel.queue_delete(name)
+            r.delete(name)
 
         # -- publish cost -------------------------------------------------------------
         variants = {
             "plain Celery": lambda i: b.plain.delay(),
             "RogerTask, no key": lambda i: b.roger_nokey.delay(),
             "RogerTask, queue key": lambda i: b.roger_qk.delay(n=i),
+            "RogerTask, queue key, long road": lambda i: b.roger_qk_long_road.delay(n=i),
             "celery-once QueueOnce": lambda i: b.once.delay(n=i),
             "celery-singleton Singleton": lambda i: b.singleton.delay(n=i),
         }
@@ -70,12 +86,13 @@ def main() -> int:
                 for i in range(n_publish):
                     fn(offset + i)
                 rates[name].append(n_publish / (time.perf_counter() - start))
-                r.delete("bench")
+                drop_queue("bench", purge=True)
         results["publish"] = {k: spread(v) for k, v in rates.items()}
         r.flushdb()
 
         # -- worker throughput ---------------------------------------------------------
-        env = {"BENCH_REDIS_URL": server.url, "PYTHONPATH": str(HERE)}
+        env = {"BENCH_REDIS_URL": server.url, "PYTHONPATH": str(HERE),
+               **({"BENCH_BROKER_URL": opts.broker} if opts.broker else {})}
         kinds = {"plain Celery": b.plain, "plain Celery, acks_late=True": b.plain_late,
                  "RogerTask, no key": b.roger_nokey,
                  "RogerTask, distinct execution keys": b.roger_ek}
@@ -102,6 +119,7 @@ def main() -> int:
                     throughput[name].append((n_jobs - 1) / (time.perf_counter() - start))
                 finally:
                     worker.stop()
+                    drop_queue(queue)
         results["throughput"] = {k: spread(v) for k, v in throughput.items()}
 
         # -- one hot execution key: hand-off latency --------------------------------------

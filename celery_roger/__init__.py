@@ -14,8 +14,8 @@ from .errors import (
     RogerError,
     WorkerCrashed,
 )
+from .install import install
 from .job import BuriedJob, Job
-from .runtime import install
 from .task import RogerTask
 
 __all__ = [

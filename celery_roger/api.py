@@ -9,11 +9,13 @@ from typing import Any
 
 from celery import Celery
 
-from . import events, inspect
+from . import events, inspect, store_reads
 from .failure import send_entry
-from .job import FRESH_ADMISSION_SECONDS, BuriedJob
-from .runtime import install, runtime
-from .worker import finish_job, hand_off, job_header, job_keys, publish_due
+from .install import install
+from .job import FRESH_ADMISSION_SECONDS, HEADER, BuriedJob, job_header, job_keys
+from .lifecycle import finish_job, hand_off, publish_due
+from .runtime import runtime
+from .store import preview
 
 logger = logging.getLogger("celery_roger")
 
@@ -44,7 +46,7 @@ class Roger:
             raise ValueError(f"key must be a non-empty str, got {key!r}")
         if kind == "queue":
             return self.store.release_queue_key(key)
-        holder = self.store.execution_key_holder(key)
+        holder = store_reads.execution_key_holder(self.store, key)
         promotion = self.store.finish(holder or "", execution_key=key, force=True).promotion
         if promotion is not None:
             hand_off(self.app, promotion)
@@ -58,8 +60,9 @@ class Roger:
         """
         _check_queue(queue)
         removed = 0
-        for job_id, message in list(self.store.parked_messages()):
-            headers = message.get("headers") or {}
+        parked = store_reads.parked_messages(self.store)
+        for job_id, message in parked:
+            headers = message.get("headers")
             if job_header(headers).get("q") != queue:
                 continue
             ek, qk = job_keys(headers)
@@ -132,7 +135,7 @@ class Roger:
         return released
 
     def paused_queues(self) -> set[str]:
-        return set(self.store.paused())
+        return store_reads.paused_queues(self.store)
 
     # -- inspection ------------------------------------------------------------------------
 
@@ -156,6 +159,18 @@ class Roger:
             raise ValueError(f"limit must be an int >= 1, got {limit!r}")
         return inspect.keys(self.store, kind, prefix, limit, cursor)
 
+    def stats(self) -> dict[str, int]:
+        """The partition's counters: ``dedup_refused``, ``cancelled``, ``quarantined`` ..."""
+        return inspect.stats(self.store)
+
+    def quarantined(self) -> dict[str, dict[str, Any]]:
+        """What roger moved aside because it could not read it, by key (``key#field`` for
+        one value of a hash): ``{"key", "field", "reason", "value", "preview", "at"}`` for a
+        value, ``{"key", "type", "expected", "moved_to", "preview", "at"}`` for a whole key
+        of the wrong type (renamed to ``moved_to``); ``at`` in ms of Redis's clock. Nothing
+        is deleted: look at it, then delete the ``quarantine`` hash (and the moved keys)."""
+        return inspect.quarantined(self.store)
+
     # -- the buried queue -----------------------------------------------------------------
 
     def buried(self, queue: str | None = None, limit: int = 100,
@@ -168,11 +183,11 @@ class Roger:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if limit == 0:
             return []
-        return [BuriedJob.from_entry(e) for e in self.store.buried(queue, offset, limit)]
+        return inspect.buried(self.store, queue, offset, limit)
 
     def buried_dropped(self) -> dict[str, int]:
         """Per queue, how many buried jobs were dropped to respect ``roger_buried_max``."""
-        return self.store.buried_dropped()
+        return inspect.buried_dropped(self.store)
 
     def requeue_buried(self, job_id: str | None = None, *, queue: str | None = None,
                        all: bool = False) -> int:
@@ -190,34 +205,38 @@ class Roger:
         if queue is None or not all:
             raise ValueError("give a job id, or queue=... with all=True")
         _check_queue(queue)
-        return sum(self._requeue(job) for job in reversed(self.store.buried_ids(queue)))
+        return sum(self._requeue(job) for job in reversed(inspect.buried_ids(self.store, queue)))
 
     def _requeue(self, job_id: str) -> bool:
         outcome, value = self.store.requeue_take(job_id)
         if outcome == "missing":
             return False
-        if outcome == "held":
+        if outcome == "taken":
             logger.warning("Buried job %s stays buried: its queue key is held by job %s",
                            job_id, value)
             return False
-        queue_key = value.get("queue_key") or ""
+        queue_key = value.get("queue_key") if isinstance(value.get("queue_key"), str) else ""
+        publish = _publishable(value.get("publish"))
+        if publish is None:
+            if queue_key:
+                self.store.release_queue_key(queue_key, job_id)
+            logger.error("Buried job %s stays buried: its entry has nothing publishable "
+                         "(%s)", job_id, preview(value.get("publish")))
+            return False
         try:
             # Its FAILURE result is forgotten: the job is pending again.
             self.app.AsyncResult(job_id).forget()
         except Exception:
             logger.debug("could not forget the result of %s", job_id, exc_info=True)
         try:
-            # Requeued to run: a stale expiry would revoke it (or let a broker drop it).
-            publish = {**value["publish"], "options": {
-                k: v for k, v in (value["publish"].get("options") or {}).items()
-                if k != "expires"}}
             send_entry(self.app, publish, retry_count=0)
         except BaseException:
             if queue_key:
                 self.store.release_queue_key(queue_key, job_id)
             raise
-        self.store.unbury(job_id, value.get("queue", ""), queue_key)
-        logger.info("Requeued buried job %s[%s]", value.get("task"), job_id)
+        queue = value.get("queue")
+        self.store.unbury(job_id, queue if isinstance(queue, str) else "", queue_key)
+        logger.info("Requeued buried job %s[%s]", publish["task"], job_id)
         events.send(self.app, "requeued", job_id)
         return True
 
@@ -225,13 +244,29 @@ class Roger:
         """Delete the buried jobs of ``queue`` (of every queue when None); returns how many."""
         if queue is not None:
             _check_queue(queue)
-        queues = [queue] if queue is not None else self.store.buried_queues()
+        queues = [queue] if queue is not None else inspect.buried_queues(self.store)
         return sum(self.store.purge_buried(q) for q in queues)
 
     def __repr__(self) -> str:
         return f"<Roger partition={self.partition!r}>"
 
 
+def _publishable(publish: Any) -> dict[str, Any] | None:
+    """A buried entry's ``publish`` (Celery's send_task arguments), ready to send again
+    (without a stale expiry: it would revoke the job or let a broker drop it), or None
+    when it is not one."""
+    if not isinstance(publish, dict) or not isinstance(publish.get("task"), str):
+        return None
+    args, kwargs, options = (publish.get("args", []), publish.get("kwargs", {}),
+                             publish.get("options", {}))
+    if not isinstance(args, list) or not isinstance(kwargs, dict) or \
+            not isinstance(options, dict):
+        return None
+    headers = options.get("headers", {})
+    if not isinstance(headers, dict) or not isinstance(headers.get(HEADER, {}), dict):
+        return None
+    return {"task": publish["task"], "args": args, "kwargs": kwargs,
+            "options": {k: v for k, v in options.items() if k != "expires"}}
 
 
 def _check_queue(queue: object) -> None:

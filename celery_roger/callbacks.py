@@ -85,7 +85,7 @@ class Callbacks:
             return None
         try:
             return fn(self.partition, job, *values.values())
-        except Exception:
+        except BaseException:  # SystemExit too: a callback never ends the thread it runs on
             logger.exception("roger callback %s.%s raised for job %s[%s]; ignored",
                              type(obj).__name__, name, job.task, job.id)
             return None

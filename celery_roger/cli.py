@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -68,7 +69,10 @@ def _cell(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float) and value > 1e9:  # a Unix time
-        return datetime.datetime.fromtimestamp(value).strftime("%H:%M:%S")
+        try:
+            return datetime.datetime.fromtimestamp(value).strftime("%H:%M:%S")
+        except (OverflowError, OSError, ValueError):
+            pass
     return str(value)
 
 
@@ -110,15 +114,18 @@ def status(ctx: click.Context, as_json: bool) -> None:
                 [j["id"], j["task"], j["queue"], j["worker"], _ago(j["since"]),
                  j["execution_key"]] for j in running["jobs"]]))
         keys = info["execution_keys"]
-        out += ["", f"held execution keys: {keys['count']}"]
+        out += ["", f"execution keys with a holder: {keys['count']}"]
         if keys["keys"]:
             out.append(table(["key", "holder", "worker", "alive", "since", "parked"], [
                 [k["key"], k["holder"], k["worker"], k["worker_alive"], _ago(k["since"]),
                  k["parked"]] for k in keys["keys"]]))
-        out += ["", f"held queue keys: {info['queue_keys']['count']}",
+        out += ["", f"queue keys taken: {info['queue_keys']['count']}",
                 f"waiting retries: {info['retrying']}",
                 f"buried: {info['buried']['count']}",
                 f"pending cancellations: {info['cancellations']['count']}"]
+        if info.get("quarantined"):
+            out.append(f"quarantined values: {info['quarantined']} "
+                       "(celery -A proj roger quarantine)")
         return "\n".join(out)
 
     _emit(info, as_json, human)
@@ -245,6 +252,44 @@ def requeue(ctx: click.Context, job_id: str | None, queue: str | None, all_: boo
                                    "is held by another job")
 
 
+@roger.command()
+@json_option
+@click.pass_context
+@_guard
+def quarantine(ctx: click.Context, as_json: bool) -> None:
+    """What roger moved aside because it could not read it, newest first."""
+    records = _roger(ctx).quarantined()
+
+    def human() -> str:
+        if not records:
+            return "nothing quarantined"
+        rows = []
+        for name, record in sorted(records.items(), key=lambda kv: _number(kv[1].get("at")),
+                                   reverse=True):
+            why = record.get("reason") or (
+                f"a {record.get('type')} where a {record.get('expected')} belongs; moved to "
+                f"{record.get('moved_to')}" if record.get("type") else None)
+            at = _number(record.get("at"))
+            rows.append([_ago(at / 1000) if at else None, _line(name), _line(why),
+                         _line(record.get("preview"))])
+        return table(["when", "key", "reason", "value"], rows)
+
+    _emit(records, as_json, human)
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value) else 0.0
+
+
+def _line(value: Any, limit: int = 80) -> str | None:
+    """``value`` on one line, control characters escaped (it is anything Redis held)."""
+    if value is None:
+        return None
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 @roger.command(name="purge-buried")
 @click.argument("queue", required=False)
 @click.pass_context
@@ -258,9 +303,14 @@ def purge_buried(ctx: click.Context, queue: str | None) -> None:
 @click.option("--address", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(1, 65535), default=5566, show_default=True)
 @click.option("--token", default=None, help="Token actions require (or roger_dashboard_token).")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="HOST[:PORT]",
+              help="A Host header to answer (repeatable; '*' for any; or "
+                   "roger_dashboard_allowed_hosts). Default: the --address, and localhost, "
+                   "127.0.0.1 and [::1] when it is a loopback address or 0.0.0.0.")
 @click.pass_context
 @_guard
-def dashboard(ctx: click.Context, address: str, port: int, token: str | None) -> None:
+def dashboard(ctx: click.Context, address: str, port: int, token: str | None,
+              allowed_hosts: tuple[str, ...]) -> None:
     """Serve the web dashboard (read-only without a token)."""
     try:
         from .dashboard import serve
@@ -268,4 +318,5 @@ def dashboard(ctx: click.Context, address: str, port: int, token: str | None) ->
         raise click.ClickException(
             f'the dashboard needs its extras: pip install "celery-roger[dashboard]" ({exc})'
         ) from None
-    serve(_roger(ctx), address=address, port=port, token=token)
+    serve(_roger(ctx), address=address, port=port, token=token,
+          allowed_hosts=allowed_hosts or None)

@@ -50,6 +50,11 @@ class Settings:
     dashboard_token: str | None
     publish_grace_seconds: float
     redis_client: Any = None
+    #: A confirmed queue key whose job is nowhere is released after this long (0: never).
+    orphaned_key_seconds: float = 120.0
+    dashboard_allowed_hosts: tuple[str, ...] | None = None
+    #: Publish with a queue key in one script on a Redis broker that is roger's database.
+    fused_publish: bool = True
 
     @classmethod
     def from_app(cls, app: Celery) -> Settings:
@@ -82,12 +87,24 @@ class Settings:
             buried_max=int(
                 _number("roger_buried_max", get("roger_buried_max", 10000), minimum=1, integer=True)
             ),
-            dashboard_token=get("roger_dashboard_token", None),
+            dashboard_token=dashboard_token(get("roger_dashboard_token", None)),
             publish_grace_seconds=_number(
                 "roger_publish_grace_seconds", get("roger_publish_grace_seconds", 60), minimum=1
             ),
             redis_client=redis_client(get("roger_redis_client", None)),
+            orphaned_key_seconds=_number(
+                "roger_orphaned_key_seconds", get("roger_orphaned_key_seconds", 120), minimum=0
+            ),
+            dashboard_allowed_hosts=dashboard_allowed_hosts(
+                get("roger_dashboard_allowed_hosts", None)),
+            fused_publish=_flag("roger_fused_publish", get("roger_fused_publish", True)),
         )
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"setting {name} must be True or False, got {value!r}")
+    return value
 
 
 def import_setting(name: str, path: str) -> Any:
@@ -113,6 +130,30 @@ def redis_client(value: Any) -> Any:
             f"or its dotted path, got {value!r}"
         )
     return value
+
+
+def dashboard_token(value: Any, name: str = "roger_dashboard_token") -> str | None:
+    """``roger_dashboard_token``: a string (empty or None: the dashboard is read-only).
+    The error names the type only, never the value: it is a secret."""
+    if value is None or isinstance(value, str):
+        return value
+    raise ConfigurationError(
+        f"setting {name} must be a string, got a value of type {type(value).__name__}"
+    )
+
+
+def dashboard_allowed_hosts(value: Any, name: str = "roger_dashboard_allowed_hosts"
+                            ) -> tuple[str, ...] | None:
+    """``roger_dashboard_allowed_hosts``: a list of host names (``host`` or ``host:port``;
+    ``"*"`` allows any) the dashboard answers; None or empty: its defaults."""
+    if value is None:
+        return None
+    if (isinstance(value, (str, bytes)) or not isinstance(value, Sequence)
+            or not all(isinstance(h, str) and h.strip() for h in value)):
+        raise ConfigurationError(
+            f'setting {name} must be a list of host names ("*" allows any), got {value!r}'
+        )
+    return tuple(h.strip() for h in value) or None
 
 
 def retry_levels(name: str, value: Any) -> tuple[float, ...]:

@@ -1,12 +1,6 @@
-"""Worker-side control: which queues a worker consumes while some are paused, and the
-remote-control commands that reach every worker at once (``roger_pause``,
-``roger_resume``, ``roger_cancel``).
-
-The paused set lives in Redis. A worker applies it before it consumes anything (the
-consumer bootstep), on every broadcast, and on every lease tick (so a worker that missed
-a broadcast converges within about a second). It stops consuming a paused queue only if
-it consumed it before, and consumes it again on resume only then.
-"""
+"""Roger's remote-control commands, which reach every worker at once (``roger_pause``,
+``roger_resume``, ``roger_cancel``, the ``roger`` inspect command), and Celery's own
+``revoke`` wrapped so it also cancels in roger state. Imported by ``install``."""
 
 from __future__ import annotations
 
@@ -19,64 +13,14 @@ from celery.worker import state as worker_state
 from celery.worker.control import Panel, control_command, inspect_command
 from redis.exceptions import RedisError
 
+from .admission import Admission
+from .job import is_roger_task, job_header, job_keys
 from .runtime import runtime
 
 logger = logging.getLogger("celery_roger")
 
 
-class QueueControl:
-    """The queues one worker consumes, given the cluster's paused set."""
-
-    def __init__(self, consumer: Any, app: Celery) -> None:
-        self.consumer = consumer
-        self.app = app
-        self.original: set[str] | None = None  # what the worker consumed at start
-        self.paused_here: set[str] = set()  # queues it stopped consuming for a pause
-        self.applied: frozenset[str] | None = None
-
-    def start(self) -> None:
-        """Before the worker consumes: record its queues, stop consuming paused ones."""
-        if self.original is None:
-            self.original = {q.name for q in self.consumer.task_consumer.queues}
-        try:
-            paused = set(runtime(self.app).store.paused())
-        except RedisError as exc:
-            logger.error("roger: cannot read the paused queues (%s); jobs of paused queues "
-                         "are held when delivered, and this is retried every second", exc)
-            return
-        self.apply(paused)
-
-    def apply(self, paused: set[str] | frozenset[str]) -> None:
-        """In the consumer's thread: consume according to ``paused``."""
-        if self.original is None:
-            return
-        for queue in sorted((self.original & set(paused)) - self.paused_here):
-            self.consumer.cancel_task_queue(queue)
-            self.paused_here.add(queue)
-            logger.info("roger: queue %r is paused: not consuming it", queue)
-        for queue in sorted(self.paused_here - set(paused)):
-            self.consumer.add_task_queue(queue)
-            self.paused_here.discard(queue)
-            logger.info("roger: queue %r resumed", queue)
-        self.applied = frozenset(paused)
-
-    def reconcile(self, paused: set[str]) -> None:
-        """From any thread: converge to the stored paused set."""
-        if self.applied is None or frozenset(paused) != self.applied:
-            self.consumer.call_soon(self.apply, frozenset(paused))
-
-    def change(self, queue: str, paused: bool) -> None:
-        current = set(self.applied or ())
-        if paused:
-            current.add(queue)
-        else:
-            current.discard(queue)
-        self.apply(current)
-
-
-def _admission(state: Any) -> Any:
-    from .worker import Admission
-
+def _admission(state: Any) -> Admission | None:
     handler = getattr(state.consumer, "on_task_request", None)
     return handler if isinstance(handler, Admission) else None
 
@@ -104,23 +48,21 @@ def roger_resume(state: Any, queue: str, **kwargs: Any) -> dict[str, Any]:
 @control_command(args=[("job_ids", list)], signature="<job_id> [job_id ...]")
 def roger_cancel(state: Any, job_ids: list[str], **kwargs: Any) -> dict[str, Any]:
     """Drop delivered copies of the jobs and kill the ones running here (prefork)."""
-    from .task import RogerTask
-
     ids = {str(j) for j in job_ids}
     worker_state.revoked.update(ids)  # Celery drops copies delivered later (task_revoked)
     killed, cooperative = [], []
     admission = _admission(state)
     for job_id in ids:
         waiting = admission.admitted.get(job_id) if admission is not None else None
-        if waiting is not None and not waiting._roger_started:
+        if waiting is not None and not waiting.roger_watch.started:
             # Admitted, waiting for a pool slot: its start check drops it, or, if it
             # starts too soon after admission to check, it is killed as it starts.
-            waiting._roger_cancel_on_start = True
+            waiting.roger_watch.cancel_on_start = True
     for request in list(worker_state.active_requests):
-        if request.id not in ids or not isinstance(request.task, RogerTask):
+        if request.id not in ids or not is_roger_task(request.task):
             continue
         if not request.time_start:
-            request._roger_cancel_on_start = True
+            request.roger_watch.cancel_on_start = True
             continue
         if not _attempt_running(state.consumer.app, request.id):
             continue  # its attempt ended (result stored); only the ack is pending here
@@ -157,8 +99,7 @@ def _wrap_celery_revoke() -> None:
         if admission is not None:
             ids = [task_id] if isinstance(task_id, str) else list(task_id or ())
             admission.revoked_ids.extend(str(i) for i in ids)
-            if admission.lease is not None:
-                admission.lease.wakeup.set()
+            admission.wakeup.set()
         return reply
 
     revoke._roger = True  # type: ignore[attr-defined]
@@ -172,16 +113,12 @@ _wrap_celery_revoke()
 @inspect_command()
 def roger(state: Any, **kwargs: Any) -> dict[str, Any]:
     """This worker's roger view: running roger jobs, keys they hold, paused queues applied."""
-    from .job import job_header
-    from .task import RogerTask
-    from .worker import job_keys
-
     admission = _admission(state)
     if admission is None:
         return {"error": "not a roger worker"}
     jobs, execution_keys, queue_keys = [], [], []
     for request in list(worker_state.active_requests):
-        if not isinstance(request.task, RogerTask):
+        if not is_roger_task(request.task):
             continue
         header = job_header(request.request_dict)
         ek, qk = job_keys(request.request_dict)
@@ -192,7 +129,7 @@ def roger(state: Any, **kwargs: Any) -> dict[str, Any]:
             execution_keys.append(ek)
         if qk:
             queue_keys.append(qk)
-    waiting = [r.id for r in admission.admitted.values() if not r._roger_started]
+    waiting = [r.id for r in admission.admitted.values() if not r.roger_watch.started]
     queues = admission.queues
     return {
         "instance": admission.instance,

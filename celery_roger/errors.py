@@ -60,3 +60,42 @@ class JobTimeout(RogerError):
 
 class WorkerCrashed(RogerError):
     """The process running the job died (SIGKILL, OOM, a crash) before the job ended."""
+
+
+class JobAborted(RogerError):
+    """The job raised a ``BaseException`` that is not an ``Exception`` (``asyncio``'s
+    ``CancelledError``, a library's own): roger handles it as a failure (retry, burial or
+    ``FAILURE``), and Celery stores this error in its place. Its message is the original's
+    ``"Type: message"``; the original is its ``__cause__`` (and is what ``on_error`` and
+    ``on_buried`` receive)."""
+
+
+class WrongPartition(RogerError):
+    """A worker of one roger partition received a job published in another: it refuses
+    it (``FAILURE``; the job's keys are released in the job's own partition)."""
+
+    def __init__(self, job_partition: str, worker_partition: str, task_name: str = "") -> None:
+        super().__init__(job_partition, worker_partition, task_name)
+        self.job_partition = job_partition
+        self.worker_partition = worker_partition
+        self.task_name = task_name
+
+    def __str__(self) -> str:
+        what = f"{self.task_name}: " if self.task_name else ""
+        return (f"{what}published in roger partition {self.job_partition!r}, refused by "
+                f"a worker of partition {self.worker_partition!r}")
+
+    def __reduce__(self):
+        return (type(self), (self.job_partition, self.worker_partition, self.task_name))
+
+
+class OlderWorkersRunning(RogerError):
+    """Workers of an earlier celery-roger, which keep state under older key names, hold
+    live leases: a worker of this version admits nothing beside them."""
+
+    def __init__(self, instances: list[str]) -> None:
+        self.instances = instances
+        super().__init__(
+            f"workers of an earlier celery-roger are running ({', '.join(instances)}): stop "
+            "them, then start this worker; it moves their state to this version's key names "
+            "(see the README, Upgrading)")

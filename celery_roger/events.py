@@ -1,9 +1,10 @@
 """Roger transitions as Celery task events, so Flower shows them in a job's history.
 
-``task-roger-deduplicated``, ``-parked``, ``-promoted``, ``-cancelled``, ``-buried`` and
-``-requeued``, with ``uuid`` the job id. They are sent when the process has task events
-on (``worker_send_task_events``, which ``celery worker -E`` sets); an event that cannot
-be sent is logged at debug level and changes nothing.
+``task-roger-deduplicated``, ``-parked``, ``-promoted``, ``-cancelled``, ``-buried``,
+``-requeued`` and ``-orphaned`` (the queue key of a job lost in flight was released), with
+``uuid`` the job id. They are sent when the process has task events on
+(``worker_send_task_events``, which ``celery worker -E`` sets); an event that cannot be
+sent is logged at debug level and changes nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from celery import Celery
 
 logger = logging.getLogger("celery_roger")
 
-TYPES = ("deduplicated", "parked", "promoted", "cancelled", "buried", "requeued")
+TYPES = ("deduplicated", "parked", "promoted", "cancelled", "buried", "requeued", "orphaned")
 
 
 def send(app: Celery, kind: str, job_id: str, **fields: Any) -> None:

@@ -12,9 +12,12 @@ header's ``rc`` holds the retry count).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
+import threading
 import time
 import traceback as tb
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,10 +26,12 @@ from celery.app.task import Context
 from kombu.serialization import loads, prepare_accept_content
 
 from . import events
-from .errors import RetryableError
-from .job import HEADER, Job, job_header
-from .publish import republish
-from .runtime import runtime
+from .errors import RetryableError, WrongPartition
+from .job import HEADER, Job, job_header, job_partition
+from .publish import republish, republishing
+from .records import StoredJob
+from .runtime import Runtime, runtime
+from .store import Store
 
 logger = logging.getLogger("celery_roger")
 
@@ -40,7 +45,10 @@ PROTOCOL_HEADERS = frozenset((
 
 @dataclass(frozen=True)
 class Decision:
-    kind: str  # "retry", "bury", "fail", or "cancelled" (a retry refused: job cancelled)
+    #: "retry", "bury", "fail", "cancelled" (a retry refused: job cancelled), or
+    #: "unrecorded" (a retry or burial Redis could not record: the job goes back to its
+    #: queue, to run again, rather than fail for good)
+    kind: str
     delay: float = 0.0
 
 
@@ -81,8 +89,8 @@ def publish_entry(task: Any, context: Any, header: dict[str, Any],
         custom.update({k: v for k, v in headers.items() if k not in PROTOCOL_HEADERS})
     custom[HEADER] = header
     options["headers"] = custom
-    return {"task": task.name, "args": list(sig.args or ()), "kwargs": dict(sig.kwargs or {}),
-            "options": options}
+    return {"kind": "entry", "task": task.name, "args": list(sig.args or ()),
+            "kwargs": dict(sig.kwargs or {}), "options": options}
 
 
 def send_entry(app: Celery, entry: dict[str, Any], *, retry_count: int | None = None) -> Any:
@@ -93,20 +101,22 @@ def send_entry(app: Celery, entry: dict[str, Any], *, retry_count: int | None = 
         headers[HEADER] = {**(headers.get(HEADER) or {}), "rc": retry_count}
         options["headers"] = headers
     send = runtime(app).original_send_task or app.send_task
-    return send(entry["task"], entry["args"], entry["kwargs"], **options)
+    with republishing(str(options.get("task_id") or "")):
+        return send(entry["task"], entry["args"], entry["kwargs"], **options)
 
 
 def publish_stored(app: Celery, stored: dict[str, Any]) -> None:
     """Publish a job kept in Redis: a captured message, or a retry/publish entry."""
-    if "raw" in stored:
-        republish(app, stored["raw"])
+    job = StoredJob.of(stored)
+    if job.message is not None:
+        republish(app, job.message)
     else:
-        send_entry(app, stored)
+        send_entry(app, job.entry or stored)
 
 
 def job_from_stored(app: Celery, job_id: str, stored: dict[str, Any]) -> Job:
     """The Job view of a job kept in Redis (a captured message or a publish entry)."""
-    raw = stored.get("raw") or (stored if "body" in stored else None)
+    raw = StoredJob.of(stored).message
     if raw is None:
         headers = (stored.get("options") or {}).get("headers") or {}
         return Job.from_header(job_id, stored.get("task", ""), stored.get("args"),
@@ -120,7 +130,7 @@ def job_from_stored(app: Celery, job_id: str, stored: dict[str, Any]) -> Job:
 def request_from_stored(app: Celery, job_id: str, stored: dict[str, Any]) -> Context:
     """The request of a job kept in Redis, with what a result backend needs to count
     the job in its chord (group, group index, chord callback)."""
-    raw = stored.get("raw") or (stored if "body" in stored else None)
+    raw = StoredJob.of(stored).message
     if raw is None:
         options = stored.get("options") or {}
         return Context(id=job_id, group=options.get("group_id"),
@@ -149,14 +159,16 @@ def record(task: Any, job: Job, context: Any, error: BaseException, traceback: s
            *, headers: dict[str, Any] | None = None) -> Decision:
     """Decide what a failed attempt becomes and record a retry or burial in Redis.
 
-    If Redis cannot record it, the job fails (FAILURE) and the error is logged.
+    If Redis cannot record it, the decision is "unrecorded" (logged): the caller sends the
+    job back to its queue, so a retryable job is never lost to an outage.
     """
     decision = decide(task, job.retry_count, error)
     if decision.kind == "fail":
         return decision
     store = runtime(task.app).store
     try:
-        entry = publish_entry(task, context, job.header(job.retry_count + 1), headers)
+        entry = publish_entry(task, context,
+                              job.header(job.retry_count + 1, store.partition), headers)
         if decision.kind == "retry":
             if not store.schedule_retry(job.id, decision.delay, entry):
                 return Decision("cancelled")
@@ -169,12 +181,13 @@ def record(task: Any, job: Job, context: Any, error: BaseException, traceback: s
             "execution_key": job.execution_key, "retry_count": job.retry_count,
             "error": describe(error), "error_type": type(error).__name__,
             "traceback": traceback, "buried_at": time.time(), "publish": entry,
+            "kind": "buried",
         }
         dropped = store.bury(job.id, job.queue, buried)
     except Exception:
-        logger.exception("Job %s[%s]: could not record its %s in Redis; it fails instead",
-                         job.task, job.id, decision.kind)
-        return Decision("fail")
+        logger.exception("Job %s[%s]: could not record its %s in Redis; it goes back to its "
+                         "queue to run again", job.task, job.id, decision.kind)
+        return Decision("unrecorded")
     logger.error("Job %s[%s] buried in queue %r after %d retries: %s", job.task, job.id,
                  job.queue, job.retry_count, describe(error))
     events.send(task.app, "buried", job.id, queue=job.queue, error=describe(error))
@@ -183,3 +196,81 @@ def record(task: Any, job: Job, context: Any, error: BaseException, traceback: s
                      "(%s)", job.queue, store.settings.buried_max, len(dropped),
                      ", ".join(dropped))
     return decision
+
+
+# -- a job delivered to a worker of another partition -----------------------------------
+
+#: Stores of other partitions than an app's own, per app (by its roger runtime): only
+#: used to release the keys of jobs refused for their partition. A few at most.
+_other_stores: weakref.WeakKeyDictionary[Runtime, dict[str, Store]] = \
+    weakref.WeakKeyDictionary()
+_other_stores_lock = threading.Lock()
+MAX_OTHER_PARTITIONS = 16
+
+
+def partition_store(app: Celery, partition: str) -> Store | None:
+    """The store of ``partition`` in the app's roger Redis (cached), or None for a name
+    that is not a partition (empty, or with braces)."""
+    rt = runtime(app)
+    if partition == rt.settings.partition:
+        return rt.store
+    if not partition or "{" in partition or "}" in partition:
+        return None
+    with _other_stores_lock:
+        stores = _other_stores.setdefault(rt, {})
+        store = stores.get(partition)
+        if store is None:
+            if len(stores) >= MAX_OTHER_PARTITIONS:
+                stores.pop(next(iter(stores)))
+            store = stores[partition] = Store(dataclasses.replace(rt.settings,
+                                                                  partition=partition))
+        return store
+
+
+def refuse_wrong_partition(app: Celery, request: Any, partition: str) -> bool:
+    """Refuse a delivered job published in another roger partition than ``partition``
+    (this worker's); returns whether it was refused (the caller acks its message).
+
+    The job never runs here: its keys and state belong to the other partition. Its keys
+    are released there (handing its execution key on if it held it) and its state becomes
+    ``FAILURE(WrongPartition)``, counted in its chord and passed to its ``link_error``.
+    No callback runs (this worker's callbacks are its own partition's). A job whose header
+    names no partition (published by an older version) is not refused.
+    """
+    published_in = job_partition(request.request_dict)
+    if published_in is None or published_in == partition:
+        return False
+    error = WrongPartition(published_in, partition, request.name)
+    logger.error("Job %s[%s] %s: it fails without running (check roger_partition of its "
+                 "publisher and of the workers consuming queue %r)", request.name,
+                 request.id, error, (request.delivery_info or {}).get("routing_key"))
+    context = getattr(request, "_roger_context", None)
+    context = context() if callable(context) else Context(
+        request.request_dict, args=request.args, kwargs=request.kwargs)
+    try:  # as everywhere in roger: the result is stored, then the keys are released
+        request.task.backend.mark_as_failure(request.id, error, request=context)
+    except Exception:
+        logger.exception("could not store FAILURE for job %s", request.id)
+    header = job_header(request.request_dict)
+    ek, qk = (v if isinstance(v := header.get(k), str) else "" for k in ("ek", "qk"))
+    if ek or qk:
+        _release_in(app, published_in, request.id, ek, qk)
+    return True
+
+
+def _release_in(app: Celery, partition: str, job_id: str, ek: str, qk: str) -> None:
+    """Release a job's keys in ``partition`` (and publish the job its execution key goes
+    to, if any); logged, never raised."""
+    store = partition_store(app, partition)
+    if store is None:
+        logger.error("Job %s: %r is not a roger partition; its keys (%r, %r) are not "
+                     "released", job_id, partition, qk, ek)
+        return
+    try:
+        promotion = store.finish(job_id, execution_key=ek, queue_key=qk).promotion
+        if promotion is not None and not promotion.pushed:
+            republish(app, promotion.message)
+            store.confirm_promoted(promotion.job_id)
+    except Exception:
+        logger.exception("Job %s: could not release its keys in partition %r", job_id,
+                         partition)

@@ -1,38 +1,28 @@
-"""Read-only views of roger state: ``Roger(app).info()``, ``.job(id)``, ``.keys(...)``.
+"""Read-only views of roger state: ``Roger(app).info()``, ``.job(id)``, ``.keys(...)``,
+``.buried(...)``, each composed from the Redis layer's reads (store_reads.py).
 
 Everything here is a bounded read: hashes that hold one entry per running job or held
 execution key (bounded by the cluster's concurrency), per-queue counters, and capped
 samples of what can be long (queue keys, cancellations). Nothing scans the keyspace.
+Nothing read is trusted: what is not what roger wrote reads as absent (store_reads.py);
+inspection never raises on what it finds in Redis.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from celery import Celery
 
-from .job import job_header
-from .store import Store, _text, loads
+from . import store_reads as reads
+from .job import BuriedJob, job_header
+from .records import StoredJob
+from .store import Store
+from .store_reads import LIST_CAP
+from .values import as_count, as_dict, as_key_or_none, as_str, as_time, as_time_ms
 
-LIST_CAP = 100
-
-
-def _json(raw: Any) -> dict[str, Any]:
-    try:
-        value = json.loads(raw)
-    except (TypeError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _lease_info(store: Store, instances: list[str], now_ms: float) -> dict[str, dict[str, Any]]:
-    if not instances:
-        return {}
-    scores = store.redis.zmscore(store.k_workers, instances)
-    return {i: {"lease_expires": None if s is None else s / 1000,
-                "alive": s is not None and s > now_ms} for i, s in zip(instances, scores,
-                                                                       strict=True)}
+__all__ = ["LIST_CAP", "broker_depths", "buried", "buried_dropped", "buried_ids",
+           "buried_job", "buried_queues", "info", "job", "keys", "quarantined", "stats"]
 
 
 def broker_depths(app: Celery, queues: list[str]) -> dict[str, int | None]:
@@ -55,227 +45,255 @@ def broker_depths(app: Celery, queues: list[str]) -> dict[str, int | None]:
 
 
 def info(app: Celery, store: Store) -> dict[str, Any]:
-    now_ms = store.redis_time_ms()
-    pipe = store.redis.pipeline(transaction=False)
-    pipe.hgetall(store.k_running)
-    pipe.hgetall(store.k_held)
-    pipe.hgetall(store.k_paused)
-    pipe.hgetall(store.k_parked_count)
-    pipe.smembers(store.k_buried_queues)
-    pipe.hlen(store.k_qkeys)
-    pipe.hscan(store.k_qkeys, 0, count=LIST_CAP)
-    pipe.zcard(store.k_cancelled)
-    pipe.zrevrangebyscore(store.k_cancelled, "+inf", now_ms, start=0, num=LIST_CAP)
-    pipe.zcard(store.k_retry)
-    pipe.hlen(store.k_msg)
-    pipe.hlen(store.k_buried_msg)
-    pipe.hgetall(store.k_buried_dropped)
-    (running_raw, held_raw, paused_raw, parked_count, buried_queues, qk_count, qk_scan,
-     cancel_count, cancels, retry_count, parked_total, buried_total, dropped) = pipe.execute()
-
-    running = {_text(j): _json(v) for j, v in running_raw.items()}
-    held = {_text(k): _text(j) for k, j in held_raw.items()}
-    paused = {_text(q): _json(v) for q, v in paused_raw.items()}
-    instances = sorted({str(r.get("instance")) for r in running.values() if r.get("instance")})
-    leases = _lease_info(store, instances, now_ms)
-
-    pipe = store.redis.pipeline(transaction=False)
-    for key in held:
-        pipe.llen(store.parked_key(key))
-    queues_buried = sorted(_text(q) for q in buried_queues)
-    for queue in queues_buried:
-        pipe.zcard(store.buried_key(queue))
-    counts = pipe.execute()
-    parked_per_key = dict(zip(held, counts[:len(held)], strict=True))
-    buried_per_queue = dict(zip(queues_buried, counts[len(held):], strict=True))
-
-    running_list = []
-    running_per_queue: dict[str, int] = {}
-    for job_id, r in sorted(running.items(), key=lambda kv: kv[1].get("admitted_at") or 0):
-        queue = str(r.get("queue") or "")
-        running_per_queue[queue] = running_per_queue.get(queue, 0) + 1
-        running_list.append({
-            "id": job_id, "task": r.get("task"), "queue": queue, "worker": r.get("worker"),
-            "pid": r.get("pid"), "since": r.get("admitted_at"),
-            "queue_key": r.get("qk") or None, "execution_key": r.get("ek") or None,
-            "worker_alive": leases.get(str(r.get("instance")), {}).get("alive", False),
-        })
+    o = reads.overview(store)
+    running_list, running_per_queue = _running_jobs(o)
     keys_list = []
-    for key, holder in sorted(held.items()):
-        r = running.get(holder, {})
-        lease = leases.get(str(r.get("instance")), {})
+    for key, holder in sorted(o.holders.items()):
+        found = o.running.get(holder)
+        lease = o.leases.get((found or {}).get("instance") or "", {})
         keys_list.append({
-            "key": key, "holder": holder, "worker": r.get("worker"),
-            "since": r.get("admitted_at"), "lease_expires": lease.get("lease_expires"),
-            "worker_alive": lease.get("alive", False), "parked": parked_per_key.get(key, 0),
-            "state": "running" if r else "promoted",
+            "key": key, "holder": holder, "worker": found["worker"] if found else None,
+            "since": found["admitted_at"] if found else None,
+            "lease_expires": lease.get("lease_expires"),
+            "worker_alive": lease.get("alive", False),
+            "parked": o.parked_per_key.get(key, 0),
+            "state": "running" if found else "promoted",
         })
+    return {
+        "partition": store.partition,
+        "queues": _queues(app, o, running_per_queue),
+        "running": {"count": len(running_list), "jobs": running_list[:LIST_CAP]},
+        "execution_keys": {"count": len(keys_list), "keys": keys_list[:LIST_CAP]},
+        "queue_keys": {"count": o.qk_count,
+                       "keys": [{"key": k, "holder": j}
+                                for k, j in sorted(o.qk_sample.items())][:LIST_CAP]},
+        "parked": o.parked_total,
+        "retrying": o.retry_count,
+        "buried": {"count": o.buried_total, "dropped": o.dropped},
+        "cancellations": {"count": o.cancel_count, "ids": o.cancels},  # newest first
+        "workers": [{"instance": i, **o.leases[i]} for i in sorted(o.leases)],
+        "quarantined": o.quarantined,
+    }
 
-    parked_per_queue = {_text(q): int(n) for q, n in parked_count.items() if int(n) > 0}
-    names = set(paused) | set(parked_per_queue) | set(buried_per_queue) | set(running_per_queue)
-    names |= set(app.amqp.queues.keys())
+
+def _running_jobs(o: reads.Overview) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    jobs = []
+    per_queue: dict[str, int] = {}
+    for job_id, r in sorted(o.running.items(), key=lambda kv: kv[1]["admitted_at"] or 0):
+        queue = r["queue"]
+        per_queue[queue] = per_queue.get(queue, 0) + 1
+        jobs.append({
+            "id": job_id, "task": r["task"], "queue": queue, "worker": r["worker"],
+            "pid": r["pid"], "since": r["admitted_at"], "queue_key": r["qk"],
+            "execution_key": r["ek"],
+            "worker_alive": o.leases.get(r["instance"] or "", {}).get("alive", False),
+        })
+    return jobs, per_queue
+
+
+def _queues(app: Celery, o: reads.Overview,
+            running_per_queue: dict[str, int]) -> dict[str, dict[str, Any]]:
+    names = set(o.paused) | set(o.parked_per_queue) | set(o.buried_per_queue)
+    names |= set(running_per_queue) | set(app.amqp.queues.keys())
     names.add(app.conf.task_default_queue)
     names.discard("")
     depths = broker_depths(app, sorted(names))
-    queues = {
+    return {
         q: {
-            "depth": depths.get(q), "paused": q in paused,
-            "paused_at": paused.get(q, {}).get("at"), "paused_reason": paused.get(q, {})
-            .get("reason"), "running": running_per_queue.get(q, 0),
-            "parked": parked_per_queue.get(q, 0), "buried": buried_per_queue.get(q, 0),
-            "held_for_pause": 0,
+            "depth": depths.get(q), "paused": q in o.paused,
+            "paused_at": o.paused.get(q, {}).get("at"),
+            "paused_reason": o.paused.get(q, {}).get("reason"),
+            "running": running_per_queue.get(q, 0), "parked": o.parked_per_queue.get(q, 0),
+            "buried": o.buried_per_queue.get(q, 0),
+            "held_for_pause": o.held_per_queue.get(q, 0),
         }
         for q in sorted(names)
     }
-    if paused:
-        pipe = store.redis.pipeline(transaction=False)
-        for q in paused:
-            pipe.llen(store.paused_jobs_key(q))
-        for q, n in zip(paused, pipe.execute(), strict=True):
-            queues[q]["held_for_pause"] = int(n)
 
-    return {
-        "partition": store.partition,
-        "queues": queues,
-        "running": {"count": len(running_list), "jobs": running_list[:LIST_CAP]},
-        "execution_keys": {"count": len(keys_list), "keys": keys_list[:LIST_CAP]},
-        "queue_keys": {"count": int(qk_count),
-                       "keys": [{"key": _text(k), "holder": _text(j)}
-                                for k, j in sorted(qk_scan[1].items())][:LIST_CAP]},
-        "parked": int(parked_total),
-        "retrying": int(retry_count),
-        "buried": {"count": int(buried_total),
-                   "dropped": {_text(q): int(n) for q, n in dropped.items()}},
-        "cancellations": {"count": int(cancel_count),  # newest first
-                          "ids": [_text(c) for c in cancels]},
-        "workers": [{"instance": i, **leases[i]} for i in instances],
-    }
+
+def stats(store: Store) -> dict[str, int]:
+    """The partition's counters (``stats``): ``dedup_refused``, ``cancelled``,
+    ``quarantined`` ...; a value that is not an integer is quarantined."""
+    return reads.stats(store)
+
+
+def quarantined(store: Store) -> dict[str, dict[str, Any]]:
+    """What was moved to the quarantine, by key (``key#field`` for one hash value)."""
+    return reads.quarantined(store)
 
 
 def keys(store: Store, kind: str, prefix: str | None, limit: int,
          cursor: int = 0) -> dict[str, Any]:
     """A page of held keys: ``{"keys": [{"key", "holder"}], "cursor": next or 0}``."""
-    hash_key = store.k_qkeys if kind == "queue" else store.k_held
-    match = None if not prefix else _glob_escape(prefix) + "*"
-    next_cursor, page = store.redis.hscan(hash_key, cursor, match=match, count=limit)
-    pairs: dict[Any, Any] = dict(page) if isinstance(page, dict) else {}
-    items = [{"key": _text(k), "holder": _text(v)} for k, v in sorted(pairs.items())]
-    return {"kind": kind, "keys": items[:limit], "cursor": int(next_cursor)}
+    next_cursor, pairs = reads.keys_page(store, kind, prefix, limit, cursor)
+    return {"kind": kind, "keys": [{"key": k, "holder": h} for k, h in pairs][:limit],
+            "cursor": next_cursor}
 
 
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+# -- the buried queue -----------------------------------------------------------------------
+
+
+def buried_job(job_id: str, entry: dict[str, Any], score: Any = None) -> BuriedJob:
+    """A ``buried_msg`` entry as a BuriedJob, whatever its fields hold (a field of the wrong
+    type reads as absent; ``score``, the burial time in µs, stands in for ``buried_at``)."""
+    args, kwargs = entry.get("args"), entry.get("kwargs")
+    buried_at = as_time(entry.get("buried_at"))
+    if buried_at is None and isinstance(score, (int, float)):
+        buried_at = as_time(score / 1e6)
+    return BuriedJob(
+        id=job_id, task=as_str(entry.get("task")) or "",
+        args=tuple(args) if isinstance(args, (list, tuple)) else (),
+        kwargs=dict(kwargs) if isinstance(kwargs, dict) else {},
+        queue=as_str(entry.get("queue")) or "",
+        queue_key=as_key_or_none(entry.get("queue_key")),
+        execution_key=as_key_or_none(entry.get("execution_key")),
+        retry_count=as_count(entry.get("retry_count")) or 0,
+        error=as_str(entry.get("error")) or "", traceback=as_str(entry.get("traceback")),
+        buried_at=buried_at or 0.0, error_type=as_str(entry.get("error_type")) or "",
+    )
+
+
+def buried(store: Store, queue: str | None, offset: int, limit: int) -> list[BuriedJob]:
+    """A page of buried jobs, newest first."""
+    return [buried_job(job_id, entry, score)
+            for job_id, entry, score in reads.buried_page(store, queue, offset, limit)]
+
+
+def buried_ids(store: Store, queue: str) -> list[str]:
+    return reads.buried_ids(store, queue)
+
+
+def buried_queues(store: Store) -> list[str]:
+    return reads.buried_queues(store)
+
+
+def buried_dropped(store: Store) -> dict[str, int]:
+    return reads.buried_dropped(store)
+
+
+# -- one job ------------------------------------------------------------------------------
 
 
 def job(app: Celery, store: Store, job_id: str) -> dict[str, Any]:
     """Roger's view of one job, with why it is not running."""
-    now_ms = store.redis_time_ms()
-    pipe = store.redis.pipeline(transaction=False)
-    pipe.hget(store.k_running, job_id)
-    pipe.zscore(store.k_retry, job_id)
-    pipe.hget(store.k_retry_msg, job_id)
-    pipe.hget(store.k_buried_msg, job_id)
-    pipe.zscore(store.k_cancelled, job_id)
-    pipe.zscore(store.k_cancel_reported, job_id)
-    pipe.hget(store.k_msg, job_id)
-    pipe.zscore(store.k_promoting, job_id)
-    pipe.hget(store.k_paused_msg, job_id)
-    (running, retry_at, retry_msg, buried, cancelled, reported, parked_msg, promoting,
-     paused_msg) = pipe.execute()
+    found = reads.job_records(store, job_id)
     view: dict[str, Any] = {"id": job_id, "state": "unknown"}
     try:
         celery_state = app.AsyncResult(job_id).state
     except Exception:
         celery_state = None
     view["celery_state"] = celery_state
-    if cancelled is not None and cancelled > now_ms:
-        view["cancelled"] = {"until": cancelled / 1000, "reported": reported is not None}
-
-    if running:
-        r = _json(running)
-        alive = _lease_info(store, [str(r.get("instance"))], now_ms).get(
-            str(r.get("instance")), {})
-        view.update(state="running", task=r.get("task"), queue=r.get("queue"),
-                    worker=r.get("worker"), pid=r.get("pid"), since=r.get("admitted_at"),
-                    queue_key=r.get("qk") or None, execution_key=r.get("ek") or None,
-                    worker_alive=alive.get("alive", False))
-        view["explanation"] = (
-            f"running on {r.get('worker')} since {_ago(r.get('admitted_at'), now_ms)}"
-            + ("" if alive.get("alive") else
-               "; that worker's lease has ended: its keys are being freed"))
-        return view
-    if buried:
-        b = loads(buried)
-        view.update(state="buried", task=b.get("task"), queue=b.get("queue"),
-                    queue_key=b.get("queue_key"), execution_key=b.get("execution_key"),
-                    retry_count=b.get("retry_count"), error=b.get("error"),
-                    buried_at=b.get("buried_at"))
-        view["explanation"] = (f"buried after {b.get('retry_count')} retries: {b.get('error')}"
-                               "; requeue it to run it again")
-        return view
-    if retry_at is not None and retry_msg:
-        entry = loads(retry_msg)
-        header = job_header((entry.get("options") or {}).get("headers") or
-                            (entry.get("raw") or {}).get("headers") or {})
-        view.update(state="retrying", task=entry.get("task"), queue=header.get("q"),
-                    retry_count=header.get("rc"), next_run=retry_at / 1000,
-                    queue_key=header.get("qk"), execution_key=header.get("ek"))
-        seconds = max(0.0, (retry_at - now_ms) / 1000)
-        view["explanation"] = (f"waiting for retry {header.get('rc')}, due in {seconds:.1f}s"
-                               if seconds > 0 else "its retry is due and being published")
-        return view
-    if paused_msg:
-        stored = loads(paused_msg)
-        queue = stored.get("queue")
-        pause = _json(store.redis.hget(store.k_paused, queue or ""))
-        view.update(state="held", queue=queue, paused_at=pause.get("at"),
-                    paused_reason=pause.get("reason"))
-        view["explanation"] = (f"held because queue {queue!r} is paused"
-                               + (f" ({pause.get('reason')})" if pause.get("reason") else "")
-                               if pause else f"queue {queue!r} was resumed: being published")
-        return view
-    if parked_msg:
-        message = _json(parked_msg)
-        header = job_header(message.get("headers") or {})
-        ek = str(header.get("ek") or "")
-        view.update(task=(message.get("headers") or {}).get("task"), queue=header.get("q"),
-                    queue_key=header.get("qk"), execution_key=ek or None)
-        if promoting is not None:
-            view.update(state="promoted")
-            view["explanation"] = (f"execution key {ek!r} was handed to it; its message is "
-                                   "on its way to the broker")
+    if found.cancelled:
+        view["cancelled"] = {"until": found.cancelled_until,
+                             "reported": found.cancel_reported}
+    for explain in (_running_view, _buried_view, _retry_view, _held_view, _parked_view):
+        if explain(store, found, view):
             return view
-        holder = store.execution_key_holder(ek) or ""
-        holder_info = _json(store.redis.hget(store.k_running, holder)) if holder else {}
-        alive = _lease_info(store, [str(holder_info.get("instance"))], now_ms).get(
-            str(holder_info.get("instance")), {}) if holder_info else {}
-        found: Any = store.redis.lpos(store.parked_key(ek), job_id)
-        position = found if isinstance(found, int) else None
-        view.update(state="parked", holder=holder or None, holder_worker=holder_info.get(
-            "worker"), holder_worker_alive=alive.get("alive", False),
-            position=None if position is None else position + 1,
-            parked=store.redis.llen(store.parked_key(ek)))
-        where = (f" on {holder_info.get('worker')} ("
-                 + ("alive" if alive.get("alive") else "lease ended: it will be freed") + ")"
-                 if holder_info else "")
-        view["explanation"] = (f"parked: execution key {ek!r} is held by job {holder}{where}; "
-                               f"position {view['position']} of {view['parked']} in line")
-        return view
     if view.get("cancelled"):
         view["state"] = "cancelled"
-        view["explanation"] = ("cancelled: it will never run"
-                               + ("" if reported else "; dropped when it is delivered"))
-        return view
-    if celery_state in ("SUCCESS", "FAILURE", "REVOKED"):
+        view["explanation"] = ("cancelled: it will never run" + (
+            "" if found.cancel_reported else "; dropped when it is delivered"))
+    elif celery_state in ("SUCCESS", "FAILURE", "REVOKED"):
         view["state"] = "finished"
         view["explanation"] = f"finished ({celery_state})"
-        return view
-    paused = store.paused()
-    view["explanation"] = ("not in roger state: queued in the broker (waiting for a worker)"
-                           " or unknown" + (f"; paused queues: {', '.join(sorted(paused))}"
-                                            if paused else ""))
-    view["state"] = "queued-or-unknown"
+    else:
+        paused = reads.paused(store)
+        view["state"] = "queued-or-unknown"
+        view["explanation"] = (
+            "not in roger state: queued in the broker (waiting for a worker) or unknown"
+            + (f"; paused queues: {', '.join(sorted(paused))}" if paused else ""))
     return view
+
+
+def _running_view(store: Store, found: reads.JobRecords, view: dict[str, Any]) -> bool:
+    if found.running is None:
+        return False
+    r = reads.running_record(found.running)
+    alive = reads.lease_info(store, [r["instance"]], found.now_ms).get(r["instance"], {}) \
+        if r["instance"] else {}
+    view.update(state="running", task=r["task"], queue=r["queue"], worker=r["worker"],
+                pid=r["pid"], since=r["admitted_at"], queue_key=r["qk"],
+                execution_key=r["ek"], worker_alive=alive.get("alive", False))
+    view["explanation"] = (
+        f"running on {r['worker']} since {_ago(r['admitted_at'], found.now_ms)}"
+        + ("" if alive.get("alive") else
+           "; that worker's lease has ended: its keys are being freed"))
+    return True
+
+
+def _buried_view(store: Store, found: reads.JobRecords, view: dict[str, Any]) -> bool:
+    if found.buried is None:
+        return False
+    b = buried_job(view["id"], found.buried)
+    view.update(state="buried", task=b.task, queue=b.queue, queue_key=b.queue_key,
+                execution_key=b.execution_key, retry_count=b.retry_count, error=b.error,
+                buried_at=b.buried_at or None)
+    view["explanation"] = (f"buried after {b.retry_count} retries: {b.error}"
+                           "; requeue it to run it again")
+    return True
+
+
+def _retry_view(store: Store, found: reads.JobRecords, view: dict[str, Any]) -> bool:
+    entry = found.retry
+    if entry is None:
+        return False
+    header = job_header(StoredJob.of(entry).headers)
+    rc = as_count(header.get("rc"))
+    next_run = as_time_ms(found.retry_at)
+    view.update(state="retrying", task=as_str(entry.get("task")),
+                queue=as_str(header.get("q")), retry_count=rc, next_run=next_run,
+                queue_key=as_key_or_none(header.get("qk")),
+                execution_key=as_key_or_none(header.get("ek")))
+    if next_run is None:
+        view["explanation"] = f"waiting for retry {rc}; its due time is unreadable"
+    elif next_run > found.now_ms / 1000:
+        view["explanation"] = (f"waiting for retry {rc}, due in "
+                               f"{next_run - found.now_ms / 1000:.1f}s")
+    else:
+        view["explanation"] = "its retry is due and being published"
+    return True
+
+
+def _held_view(store: Store, found: reads.JobRecords, view: dict[str, Any]) -> bool:
+    if found.held is None:
+        return False
+    queue = as_str(found.held.get("queue"))
+    pause = reads.paused(store).get(queue or "")
+    view.update(state="held", queue=queue, paused_at=(pause or {}).get("at"),
+                paused_reason=(pause or {}).get("reason"))
+    view["explanation"] = (f"held because queue {queue!r} is paused"
+                           + (f" ({pause['reason']})" if pause["reason"] else "")
+                           if pause else f"queue {queue!r} was resumed: being published")
+    return True
+
+
+def _parked_view(store: Store, found: reads.JobRecords, view: dict[str, Any]) -> bool:
+    if found.parked is None:
+        return False
+    headers = as_dict(found.parked.get("headers"))
+    header = job_header(headers)
+    ek = as_key_or_none(header.get("ek")) or ""
+    view.update(task=as_str(headers.get("task")), queue=as_str(header.get("q")),
+                queue_key=as_key_or_none(header.get("qk")), execution_key=ek or None)
+    if found.promoting:
+        view.update(state="promoted")
+        view["explanation"] = (f"execution key {ek!r} was handed to it; its message is "
+                               "on its way to the broker")
+        return True
+    place = reads.parked_place(store, ek, view["id"])
+    holder = place.holder_record
+    alive = reads.lease_info(store, [holder["instance"]], found.now_ms).get(
+        holder["instance"], {}) if holder and holder["instance"] else {}
+    view.update(state="parked", holder=place.holder or None,
+                holder_worker=holder["worker"] if holder else None,
+                holder_worker_alive=alive.get("alive", False),
+                position=place.position, parked=place.parked)
+    where = (f" on {holder['worker']} ("
+             + ("alive" if alive.get("alive") else "lease ended: it will be freed") + ")"
+             if holder else "")
+    view["explanation"] = (f"parked: execution key {ek!r} is held by job {place.holder}"
+                           f"{where}; position {view['position']} of {view['parked']} in line")
+    return True
 
 
 def _ago(since: Any, now_ms: float) -> str:

@@ -10,8 +10,12 @@ from typing import Any
 
 from kombu.utils import json as kombu_json
 
-#: The message header roger adds at publish: {"q": queue, "at": publish time, "qk": queue
-#: key, "ek": execution key, "rc": retry count}.
+from .values import as_key_or_none
+
+#: The message header roger adds at publish: {"q": queue, "at": publish time, "p": roger
+#: partition, "qk": queue key, "ek": execution key, "rc": retry count}. Only roger writes
+#: it: a caller's own ``roger`` header is replaced at publish. A worker refuses a job whose
+#: ``p`` names another partition than its own (a job without ``p`` runs anywhere).
 HEADER = "roger"
 
 #: A job that starts within this many seconds of its admission skips the start check
@@ -42,11 +46,18 @@ def header_problem(request: Any) -> str | None:
     return f"fields of the wrong type: {', '.join(wrong)}" if wrong else None
 
 
+def job_partition(request: Any) -> str | None:
+    """The roger partition a job was published in (``p`` of its header), or None when its
+    header does not say (a job published by an older version, or a malformed field)."""
+    partition = job_header(request).get("p")
+    return partition if isinstance(partition, str) and partition else None
+
+
 def _sound_field(name: str, value: Any) -> bool:
-    if name in ("q", "qk", "ek"):
+    if name in ("q", "qk", "ek", "p"):
         return isinstance(value, str)
     if name == "at":
-        return _finite(value) is not None
+        return finite(value) is not None
     if name == "rc":
         return _count(value) is not None
     return True
@@ -72,11 +83,25 @@ def small_arguments(args: Any, kwargs: Any) -> dict[str, Any]:
     return {"args": args, "kwargs": kwargs}
 
 
-def _key(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
+def as_key(value: Any) -> str:
+    """A stored key as a string: '' for none (or for anything that is not a string)."""
+    return value if isinstance(value, str) else ""
 
 
-def _finite(value: Any) -> float | None:
+def job_keys(request: Any) -> tuple[str, str]:
+    """(execution key, queue key) a job was published with; '' for none."""
+    job = job_header(request)
+    return as_key(job.get("ek")), as_key(job.get("qk"))
+
+
+def is_roger_task(task: Any) -> bool:
+    """Whether ``task`` is a ``RogerTask`` (which sets ``roger_task``), without importing
+    the task module: the layers below the task read this."""
+    return getattr(task, "roger_task", False) is True
+
+
+def finite(value: Any) -> float | None:
+    """``value`` as a float if it is a finite number (not a bool), else None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or \
             not math.isfinite(value):
         return None
@@ -85,7 +110,7 @@ def _finite(value: Any) -> float | None:
 
 def _count(value: Any) -> int | None:
     """A retry count: an integer >= 0 (a float with no fraction is accepted)."""
-    number = _finite(value)
+    number = finite(value)
     return int(number) if number is not None and number >= 0 and number == int(number) \
         else None
 
@@ -105,9 +130,12 @@ class Job:
     queued_at: float = 0.0
     started_at: float = 0.0
 
-    def header(self, retry_count: int) -> dict[str, Any]:
-        """This job's ``roger`` header, for publishing it again with ``retry_count``."""
+    def header(self, retry_count: int, partition: str | None = None) -> dict[str, Any]:
+        """This job's ``roger`` header, for publishing it again with ``retry_count`` in
+        ``partition`` (the partition of the worker that runs it)."""
         header: dict[str, Any] = {"q": self.queue, "at": self.queued_at, "rc": retry_count}
+        if partition:
+            header["p"] = partition
         if self.queue_key:
             header["qk"] = self.queue_key
         if self.execution_key:
@@ -122,8 +150,9 @@ class Job:
         return cls(
             id=job_id, task=task, args=tuple(args or ()), kwargs=dict(kwargs or {}),
             queue=q if isinstance(q, str) and q else queue,
-            queue_key=_key(header.get("qk")), execution_key=_key(header.get("ek")),
-            retry_count=_count(header.get("rc")) or 0, queued_at=_finite(header.get("at")) or 0.0,
+            queue_key=as_key_or_none(header.get("qk")),
+            execution_key=as_key_or_none(header.get("ek")),
+            retry_count=_count(header.get("rc")) or 0, queued_at=finite(header.get("at")) or 0.0,
             started_at=time.time() if started_at is None else started_at,
         )
 
@@ -162,8 +191,8 @@ class BuriedJob:
         return cls(
             id=entry["id"], task=entry["task"], args=tuple(entry.get("args") or ()),
             kwargs=dict(entry.get("kwargs") or {}), queue=entry.get("queue", ""),
-            queue_key=_key(entry.get("queue_key")),
-            execution_key=_key(entry.get("execution_key")),
+            queue_key=as_key_or_none(entry.get("queue_key")),
+            execution_key=as_key_or_none(entry.get("execution_key")),
             retry_count=int(entry.get("retry_count", 0)), error=entry.get("error", ""),
             traceback=entry.get("traceback"), buried_at=float(entry.get("buried_at", 0)),
             error_type=entry.get("error_type", ""),

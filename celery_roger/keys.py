@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 MAX_KEY_BYTES = 1024
-
-KeySpec = str | Callable[..., Any] | None
 
 KINDS = ("queue_key", "execution_key")
 

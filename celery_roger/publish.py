@@ -3,28 +3,61 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import contextvars
 import datetime
 import functools
+import inspect
 import logging
+import math
+import numbers
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from celery import Celery
 from celery.signals import before_task_publish
 from celery.utils import uuid
-from celery.utils.iso8601 import parse_iso8601 as isoparse
+from celery.utils.time import maybe_make_aware
+from dateutil.parser import isoparse
 from redis.exceptions import RedisError
 
 from . import canvas, events
 from .errors import DuplicateJob
-from .job import HEADER
+from .fuse import FusedPublish, Refused, fusing
+from .job import HEADER, is_roger_task
+from .keys import validate
+from .kombu_guard import Delivery, after_flush, delivery
 from .runtime import runtime
 
 logger = logging.getLogger("celery_roger")
 
 UNSET: Any = type("Unset", (), {"__repr__": lambda self: "UNSET"})()
 ON_DUPLICATE = ("raise", "existing")
+
+#: The job id roger itself is publishing again in this thread (or task), if any: Celery's
+#: retry of a running job (``RogerTask.retry``), a stored retry or a requeue
+#: (``failure.send_entry``). Such a publish keeps the ``roger`` header it carries. It is
+#: process memory, set only by roger's own code: nothing in a message or a publish's
+#: options can set it, so a caller's ``roger`` header is never trusted.
+_REPUBLISHING: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "celery_roger_republishing", default=None)
+
+#: Celery 5.7+ applies a registered task's own options (``expires`` among them) to a
+#: publish by name that omits them (its ``send_task`` tells an omitted option from None).
+_SEND_TASK_APPLIES_TASK_OPTIONS = \
+    inspect.signature(Celery.send_task).parameters["expires"].default is not None
+
+
+@contextlib.contextmanager
+def republishing(job_id: str) -> Iterator[None]:
+    """Within this block, a publish of ``job_id`` is roger's own publish of that job again:
+    it is sent unchanged (its ``roger`` header kept, no key taken)."""
+    token = _REPUBLISHING.set(job_id)
+    try:
+        yield
+    finally:
+        _REPUBLISHING.reset(token)
 
 
 def roger_send_task(app: Celery, send: Callable) -> Callable:
@@ -43,26 +76,21 @@ def roger_send_task(app: Celery, send: Callable) -> Callable:
 def publish(app: Celery, send: Callable, name: str, args: Any, kwargs: Any,
             options: dict[str, Any], *, queue_key: Any, execution_key: Any,
             on_duplicate: str | None) -> Any:
-    from .task import RogerTask
-
-    headers = options.get("headers") or {}
-    if isinstance(headers.get(HEADER), dict) or options.get("retries"):
-        # A roger job published again (Celery's retry): it keeps the keys it was first
-        # published with, and a retry never takes its queue key again.
+    """Publish a job: keys validated, the queue key taken, roger's header written, the
+    message sent, the queue key confirmed (or released if the send failed)."""
+    task_id = options.get("task_id")
+    if task_id and task_id == _REPUBLISHING.get():
+        # Roger publishing a job again (Celery's retry of it, a stored retry): it keeps
+        # the header it was first published with, and takes no key.
         return send(name, args, kwargs, **options)
-    if headers.get(HEADER) is not None:
-        logger.warning("%s: headers[%r] is not roger's header (%s); it is replaced", name,
-                       HEADER, type(headers[HEADER]).__name__)
-
+    headers = _without_callers_header(name, options)
     task = app.tasks.get(name)
-    if isinstance(task, RogerTask):
+    if is_roger_task(task):
         queue_key, execution_key = task.roger_keys(
             tuple(args or ()), dict(kwargs or {}), queue_key=queue_key, execution_key=execution_key
         )
         on_duplicate = on_duplicate or task.on_duplicate
     else:
-        from .keys import validate
-
         queue_key = validate(name, "queue_key", None if queue_key is UNSET else queue_key)
         execution_key = validate(
             name, "execution_key", None if execution_key is UNSET else execution_key
@@ -74,9 +102,13 @@ def publish(app: Celery, send: Callable, name: str, args: Any, kwargs: Any,
         raise ValueError(
             f"{name}: on_duplicate must be one of {ON_DUPLICATE}, got {on_duplicate!r}"
         )
+    # Read as Celery reads it, before anything is taken or sent: a bad one raises here.
+    expires = expires_in(app, _expires_option(task, options), name)
 
-    task_id = options["task_id"] = options.get("task_id") or uuid()
-    job = {"q": _queue_name(app, name, args, kwargs, options), "at": time.time()}
+    settings = runtime(app).settings
+    task_id = options["task_id"] = task_id or uuid()
+    job = {"q": _queue_name(app, name, args, kwargs, options), "at": time.time(),
+           "p": settings.partition}
     if queue_key is not None:
         job["qk"] = queue_key
     if execution_key is not None:
@@ -84,36 +116,127 @@ def publish(app: Celery, send: Callable, name: str, args: Any, kwargs: Any,
     options["headers"] = {**headers, HEADER: job}
     if queue_key is None:
         return send(name, args, kwargs, **options)
-
-    store = runtime(app).store
-    holder = store.take_queue_key(queue_key, task_id)
+    if runtime(app).fuse.usable:
+        return _send_fused(app, send, task, name, args, kwargs, options, queue_key, expires,
+                           on_duplicate)
+    holder = runtime(app).store.take_queue_key(queue_key, task_id)
     if holder is not None:
-        if canvas.in_canvas(options):
-            # Dependents wait on this job's own id: it is refused as a failure (canvas.py).
-            events.send(app, "deduplicated", holder, queue_key=queue_key, refused_task=name)
-            return canvas.refuse(app, task, name, args, kwargs, options,
-                                 DuplicateJob(queue_key, holder, name))
-        if on_duplicate == "existing":
-            logger.debug("%s: queue key %r is held by %s; returning it", name, queue_key, holder)
-            events.send(app, "deduplicated", holder, queue_key=queue_key, refused_task=name)
-            result_cls = options.get("result_cls") or getattr(task, "AsyncResult", app.AsyncResult)
-            return result_cls(holder)
-        events.send(app, "deduplicated", holder, queue_key=queue_key, refused_task=name)
-        raise DuplicateJob(queue_key, holder, name)
+        return _duplicate(app, task, name, args, kwargs, options, queue_key, holder,
+                          on_duplicate)
+    return _send_holding(app, send, name, args, kwargs, options, queue_key, expires)
+
+
+def _without_callers_header(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The caller's headers without a ``roger`` header: whatever a caller puts there (a
+    dict included) is not trusted; roger writes its own, after validating the keys and
+    taking the queue key."""
+    headers = options.get("headers") or {}
+    if HEADER not in headers:
+        return headers
+    given = headers[HEADER]
+    if isinstance(given, dict):
+        logger.warning("%s: headers[%r] given by the caller is ignored: roger writes its "
+                       "own (use queue_key= and execution_key=)", name, HEADER)
+    elif given is not None:
+        logger.warning("%s: headers[%r] is not roger's header (%s); it is replaced", name,
+                       HEADER, type(given).__name__)
+    headers = {k: v for k, v in headers.items() if k != HEADER}
+    options["headers"] = headers
+    return headers
+
+
+def _duplicate(app: Celery, task: Any, name: str, args: Any, kwargs: Any,
+               options: dict[str, Any], queue_key: str, holder: str,
+               on_duplicate: str) -> Any:
+    """The queue key is taken by ``holder``: refuse this publish the way the caller asked."""
+    events.send(app, "deduplicated", holder, queue_key=queue_key, refused_task=name)
+    if canvas.in_canvas(options):
+        # Dependents wait on this job's own id: it is refused as a failure (canvas.py).
+        return canvas.refuse(app, task, name, args, kwargs, options,
+                             DuplicateJob(queue_key, holder, name))
+    if on_duplicate == "existing":
+        logger.debug("%s: queue key %r is held by %s; returning it", name, queue_key, holder)
+        result_cls = options.get("result_cls") or getattr(task, "AsyncResult", app.AsyncResult)
+        return result_cls(holder)
+    raise DuplicateJob(queue_key, holder, name)
+
+
+def _send_holding(app: Celery, send: Callable, name: str, args: Any, kwargs: Any,
+                  options: dict[str, Any], queue_key: str, expires: float | None) -> Any:
+    """Send a job that took ``queue_key``, then confirm the key (or release it when the
+    send failed, or the broker dropped the message)."""
+    store = runtime(app).store
     try:
-        result = send(name, args, kwargs, **options)
+        with delivery() as delivered:
+            result = send(name, args, kwargs, **options)
     except BaseException:
-        try:
-            store.release_queue_key(queue_key, task_id)
-        except Exception:
-            logger.exception(
-                "%s[%s]: publish failed and queue key %r could not be released; it frees "
-                "itself after %ss", name, task_id, queue_key, store.settings.publish_grace_seconds,
-            )
+        _release(store, name, options["task_id"], queue_key, "publish failed")
         raise
+    _confirm(store, name, options, queue_key, expires, delivered)
+    return result
+
+
+def _send_fused(app: Celery, send: Callable, task: Any, name: str, args: Any, kwargs: Any,
+                options: dict[str, Any], queue_key: str, expires: float | None,
+                on_duplicate: str) -> Any:
+    """Send a job whose queue key is taken inside kombu, with its message (fuse.py)."""
+    rt = runtime(app)
+    task_id = options["task_id"]
+    request = FusedPublish(rt.fuse, task_id, queue_key, rt.store.queue_key_deadline_ms(expires))
     try:
-        confirmed = store.confirm_queue_key(queue_key, task_id,
-                                            expires_in(app, options.get("expires")))
+        with fusing(request, Delivery()) as delivered:
+            result = send(name, args, kwargs, **options)
+    except Refused as refused:
+        _unsubscribe(app, task_id)
+        return _duplicate(app, task, name, args, kwargs, options, queue_key, refused.holder,
+                          on_duplicate)
+    except BaseException:
+        if request.took:
+            _release(rt.store, name, task_id, queue_key, "publish failed")
+        raise
+    if request.sent:
+        return result
+    if not request.took:
+        # Not through kombu's Redis channel after all (a producer of another broker).
+        logger.warning("%s[%s]: sent without passing kombu's Redis channel; its queue key %r "
+                       "is taken after the send", name, task_id, queue_key)
+        if rt.store.take_queue_key(queue_key, task_id) is not None:
+            logger.error("%s[%s]: queue key %r was taken meanwhile: a duplicate was sent",
+                         name, task_id, queue_key)
+            return result
+    if request.batch is not None:
+        after_flush(request.batch, lambda flushed: _confirm(
+            rt.store, name, options, queue_key, expires, delivered) if flushed
+            else _release(rt.store, name, task_id, queue_key, "the publish batch was not sent"))
+        return result
+    _confirm(rt.store, name, options, queue_key, expires, delivered)
+    return result
+
+
+def _unsubscribe(app: Celery, task_id: str) -> None:
+    """Celery subscribed to a refused job's result before kombu was reached: cancel it."""
+    consumer = getattr(app.backend, "result_consumer", None)
+    try:
+        if consumer is not None:
+            consumer.cancel_for(task_id)
+    except Exception as exc:  # a backend without subscriptions raises NotImplementedError
+        logger.debug("roger: no result subscription to cancel for %s: %r", task_id, exc)
+
+
+def _confirm(store: Any, name: str, options: dict[str, Any], queue_key: str,
+             expires: float | None, delivered: Delivery) -> None:
+    """The job was sent holding ``queue_key`` (pending): confirm the key, or release it
+    when the broker dropped the message."""
+    task_id = options["task_id"]
+    if delivered.unroutable:
+        # A Redis broker drops a message that its exchange routes to no queue, silently.
+        logger.error("%s[%s]: the broker routed it to no queue (exchange %r, routing key "
+                     "%r) and dropped it; its queue key %r is released", name, task_id,
+                     options.get("exchange"), options.get("routing_key"), queue_key)
+        _release(store, name, task_id, queue_key, "dropped by the broker")
+        return
+    try:
+        confirmed = store.confirm_queue_key(queue_key, task_id, expires)
     except RedisError as exc:
         # The job is in the broker: report the publish as done. Its queue key stays
         # taken, and frees itself after the grace period if the job has not started.
@@ -122,13 +245,21 @@ def publish(app: Celery, send: Callable, name: str, args: Any, kwargs: Any,
             "it stays held at most %ss before the job starts", name, task_id, queue_key, exc,
             store.settings.publish_grace_seconds,
         )
-        return result
+        return
     if not confirmed:
         logger.warning(
             "%s[%s]: published, but queue key %r was no longer held by it (the publish took "
             "longer than roger_publish_grace_seconds)", name, task_id, queue_key,
         )
-    return result
+
+
+def _release(store: Any, name: str, task_id: str, queue_key: str, why: str) -> None:
+    try:
+        store.release_queue_key(queue_key, task_id)
+    except Exception as exc:
+        logger.warning("%s[%s]: %s, and queue key %r could not be released (%s); it frees "
+                       "itself after %ss", name, task_id, why, queue_key, exc,
+                       store.settings.publish_grace_seconds)
 
 
 @before_task_publish.connect(weak=False, dispatch_uid="celery_roger.before_task_publish")
@@ -140,15 +271,51 @@ def _no_broker_expiration(headers: Any = None, properties: Any = None, **_: Any)
         properties.pop("expiration", None)
 
 
-def expires_in(app: Celery, expires: Any) -> float | None:
-    """Seconds until a job's ``expires`` (as Celery reads it), or None."""
+def _expires_option(task: Any, options: dict[str, Any]) -> Any:
+    """The ``expires`` Celery publishes the job with: the call's, else (a publish by name,
+    on a Celery that applies a registered task's options then) the task's own."""
+    if "expires" in options:
+        return options["expires"]
+    if _SEND_TASK_APPLIES_TASK_OPTIONS and options.get("task_type") is None:
+        return getattr(task, "expires", None)
+    return None
+
+
+def expires_in(app: Celery, expires: Any, name: str = "") -> float | None:
+    """Seconds from now until a job's ``expires``, read as Celery reads it, or None.
+
+    ``expires`` is seconds (a number), a ``datetime`` or an ISO 8601 string; a naive
+    datetime (or string without an offset) is UTC, as for Celery (which compares it with
+    the UTC time, and whose worker reads it as UTC). Anything else, a number that is not
+    finite, or a time out of ``datetime``'s range raises ValueError naming ``expires``.
+    """
     if expires is None:
         return None
-    if isinstance(expires, datetime.datetime):
-        return (expires - app.now()).total_seconds()
+    what = f"{name}: expires" if name else "expires"
+    if isinstance(expires, numbers.Real) and not isinstance(expires, bool):
+        seconds = float(expires)
+        if not math.isfinite(seconds):
+            raise ValueError(f"{what} must be a finite number of seconds, got {expires!r}")
+        try:
+            app.now() + datetime.timedelta(seconds=seconds)
+        except OverflowError:
+            raise ValueError(f"{what} is out of range: {expires!r}") from None
+        return seconds
     if isinstance(expires, str):
-        return (isoparse(expires) - app.now()).total_seconds()
-    return float(expires)
+        try:
+            when = isoparse(expires)
+        except (ValueError, OverflowError) as exc:
+            raise ValueError(
+                f"{what} is not an ISO 8601 date and time: {expires!r} ({exc})"
+            ) from None
+    elif isinstance(expires, datetime.datetime):
+        when = expires
+    else:
+        raise ValueError(
+            f"{what} must be seconds (a number), a datetime or an ISO 8601 string, got "
+            f"{type(expires).__name__} {expires!r}"
+        )
+    return (maybe_make_aware(when) - app.now()).total_seconds()
 
 
 def _queue_name(app: Celery, name: str, args: Any, kwargs: Any, options: dict[str, Any]) -> str:
@@ -167,6 +334,7 @@ def capture(message: Any) -> dict[str, Any]:
     props = message.properties or {}
     info = message.delivery_info or {}
     return {
+        "kind": "message",  # records.StoredJob
         "body": base64.b64encode(message.body if isinstance(message.body, bytes)
                                  else str(message.body).encode()).decode("ascii"),
         "content_type": message.content_type,

@@ -1,14 +1,18 @@
-"""Per-app roger runtime: its settings and store, and ``install(app)``."""
+"""Per-app roger state (settings, store, callbacks), and this process's healers.
+
+A leaf: everything imports it, it imports only the Redis layer and the settings."""
 
 from __future__ import annotations
 
+import os
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 
 from .callbacks import Callbacks, resolve
 from .config import Settings
+from .fuse import Fuse
 from .store import Store
 
 if TYPE_CHECKING:
@@ -25,6 +29,7 @@ class Runtime:
         self._settings: Settings | None = None
         self._store: Store | None = None
         self._callbacks: Callbacks | None = None
+        self._fuse: Fuse | None = None
         self.original_send_task: Callable | None = None
 
     @property
@@ -41,6 +46,14 @@ class Runtime:
                     self._store = Store(self.settings)
         return self._store
 
+    @property
+    def fuse(self) -> Fuse:
+        """Fused publish (fuse.py): whether this app's broker allows it, and its token."""
+        if self._fuse is None:
+            with _lock:
+                if self._fuse is None:
+                    self._fuse = Fuse(self.app, self.store)
+        return self._fuse
 
     @property
     def callbacks(self) -> Callbacks:
@@ -61,18 +74,34 @@ def runtime(app: Celery) -> Runtime:
     return rt
 
 
-def install(app: Celery) -> Celery:
-    """Make ``app`` roger-aware: per-call keys on ``send_task``, and the worker parts.
+# -- this process's healers (healer.py's Healer, one per app in a worker's main process) --
 
-    Binding a ``RogerTask`` to an app does this; call it yourself in a process that only
-    publishes tasks by name. Idempotent; returns the app.
-    """
-    from . import publish, worker
+_healers: list[Any] = []
 
-    rt = runtime(app)
-    with _lock:
-        if rt.original_send_task is None:
-            rt.original_send_task = app.send_task
-            app.send_task = publish.roger_send_task(app, rt.original_send_task)
-            worker.install_worker_parts(app)
-    return app
+
+def register_healer(healer: Any) -> None:
+    _healers.append(healer)
+
+
+def healers() -> list[Any]:
+    return list(_healers)
+
+
+def pop_healer() -> Any:
+    """The last registered healer, removed (at worker shutdown), or None."""
+    return _healers.pop() if _healers else None
+
+
+def healer_of(app: Celery) -> Any:
+    """The app's healer in this process, or None (a pool process inherits the list, not
+    the threads: it has none)."""
+    for healer in _healers:
+        if healer.app is app and healer.pid == os.getpid():
+            return healer
+    return None
+
+
+def wake_healers(seconds: float) -> None:
+    """A retry is due in ``seconds``: have this process's healing threads tick then."""
+    for healer in list(_healers):
+        healer.wake_in(seconds)

@@ -4,23 +4,40 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from celery import Celery, Task
+from celery import states as states_
 from celery.exceptions import Ignore, Reject, Retry
 from redis.exceptions import RedisError
 
-from . import keys
+from . import events, keys
 from .config import retry_levels
-from .errors import ConfigurationError, JobTimeout
-from .failure import Decision, format_traceback, publish_entry, record
-from .job import FRESH_ADMISSION_SECONDS, Job, small_arguments
-from .publish import UNSET
-from .runtime import install, runtime
+from .errors import ConfigurationError, JobAborted, JobTimeout
+from .failure import Decision, describe, format_traceback, publish_entry, record
+from .install import install
+from .job import FRESH_ADMISSION_SECONDS, Job, job_keys, small_arguments
+from .lease import in_pool_process
+from .lifecycle import finish_quietly, report_crash
+from .publish import UNSET, republishing
+from .runtime import runtime
 
 logger = logging.getLogger("celery_roger")
+
+
+def control_flow(exc: BaseException) -> bool:
+    """Whether ``exc`` stops a process or a green thread rather than fails a job
+    (``SystemExit``, Celery's worker shutdown included, ``KeyboardInterrupt``,
+    ``GeneratorExit``, gevent's and eventlet's ``GreenletExit``): it passes through roger's
+    failure handling untouched, as in Celery (a pool process that exits is a crash of the
+    attempt, which its worker handles as ``WorkerCrashed``)."""
+    if isinstance(exc, (SystemExit, KeyboardInterrupt, GeneratorExit)):
+        return True
+    exit_type = getattr(sys.modules.get("greenlet"), "GreenletExit", None)
+    return isinstance(exit_type, type) and isinstance(exc, exit_type)
 
 
 @dataclass
@@ -61,7 +78,9 @@ class RogerTask(Task):
     #: Seconds an attempt may run: a hard limit (prefork kills the job), a JobTimeout.
     max_execution_time: ClassVar[float | None] = None
     acks_late = True
-    Request = "celery_roger.worker:RogerRequest"
+    Request = "celery_roger.request:RogerRequest"
+    #: What the layers below read to tell a roger task (``job.is_roger_task``).
+    roger_task: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -102,36 +121,7 @@ class RogerTask(Task):
         rt = runtime(self.app)
         job = Job.from_request(request)
         attempt = request._roger_attempt = Attempt(job)
-        # What changed since admission (a cancel, a pause of the job's queue), unless the
-        # job was admitted a moment ago (see FRESH_ADMISSION_SECONDS). A job without an
-        # execution key is admitted here, in its own process, off the worker's event loop.
-        admitted = getattr(request, "roger_admitted", None)
-        if job.execution_key is None or not isinstance(admitted, float) or \
-                time.monotonic() - admitted >= FRESH_ADMISSION_SECONDS:
-            info = None
-            instance = getattr(request, "roger_instance", None) or ""
-            if job.execution_key is None and instance:
-                info = {"job": job.id, "task": job.task, "instance": instance,
-                        "worker": request.hostname, "pid": os.getpid(), "ek": "",
-                        "qk": job.queue_key or "", "queue": job.queue,
-                        "admitted_at": job.started_at, **small_arguments(args, kwargs)}
-            try:
-                outcome, report, crashed = rt.store.start(request.id, job.queue, info,
-                                                          instance, job.queue_key or "")
-            except RedisError as exc:
-                # Neither run nor dropped: back to the broker, after a pause.
-                logger.error("Cannot start job %s[%s] (Redis: %s); it goes back to its "
-                             "queue", job.task, job.id, exc)
-                time.sleep(1.0)
-                raise Reject(exc, requeue=True) from exc
-            if crashed is not None:
-                from .worker import report_crash
-
-                report_crash(self.app, crashed)
-            if outcome == "cancelled":
-                self._roger_cancelled(attempt, request, report)
-            if outcome == "paused":
-                self._roger_hold_for_pause(attempt, request)
+        self._roger_start_check(attempt, request, args, kwargs)
         attempt.states = rt.callbacks.before_run(self, attempt.job)
         try:
             result = super().__call__(*args, **kwargs)
@@ -140,8 +130,18 @@ class RogerTask(Task):
         except Exception as exc:
             self._roger_failed(attempt, request, exc, format_traceback(exc))
             raise
+        except BaseException as exc:
+            if control_flow(exc):
+                raise
+            # asyncio's CancelledError, a library's own BaseException: Celery would let it
+            # escape its failure handling (no retry, no callback, keys left to the lease).
+            # Roger fails the attempt with it; Celery stores JobAborted in its place.
+            aborted = JobAborted(describe(exc))
+            traceback = format_traceback(exc)
+            self._roger_failed(attempt, request, exc, traceback, raised=aborted)
+            raise aborted from exc
         if getattr(request, "_roger_cancel_seen", False) or (
-                not _in_prefork_child() and rt.store.is_cancelled(request.id)):
+                not in_pool_process() and rt.store.is_cancelled(request.id)):
             # It saw its cancel and stopped early, or its pool (threads, solo) could not
             # kill it: it is reported cancelled now, its result discarded.
             self._roger_cancelled(attempt, request, rt.store.claim_cancel(request.id))
@@ -155,6 +155,71 @@ class RogerTask(Task):
             raise timeout
         return result
 
+    def _roger_start_check(self, attempt: Attempt, request: Any, args: Any,
+                           kwargs: Any) -> None:
+        """What changed since admission (a cancel, a pause of the job's queue), unless the
+        job was admitted a moment ago (see FRESH_ADMISSION_SECONDS). A job without an
+        execution key is admitted here, in its own process, off the worker's event loop."""
+        job = attempt.job
+        admitted = getattr(request, "roger_admitted", None)
+        if job.execution_key is not None and isinstance(admitted, float) and \
+                time.monotonic() - admitted < FRESH_ADMISSION_SECONDS:
+            return
+        info = None
+        instance = getattr(request, "roger_instance", None) or ""
+        if job.execution_key is None and instance:
+            info = {"job": job.id, "task": job.task, "instance": instance,
+                    "worker": request.hostname, "pid": os.getpid(), "ek": "",
+                    "qk": job.queue_key or "", "queue": job.queue,
+                    "admitted_at": job.started_at, **small_arguments(args, kwargs)}
+        try:
+            outcome, report, crashed = runtime(self.app).store.start(
+                request.id, job.queue, info, instance, job.queue_key or "")
+        except RedisError as exc:
+            # Neither run nor dropped: back to the broker, after a pause.
+            logger.error("Cannot start job %s[%s] (Redis: %s); it goes back to its "
+                         "queue", job.task, job.id, exc)
+            time.sleep(1.0)
+            raise Reject(exc, requeue=True) from exc
+        if crashed is not None:
+            report_crash(self.app, crashed)
+        if outcome == "cancelled":
+            self._roger_cancelled(attempt, request, report)
+        if outcome == "paused":
+            self._roger_hold_for_pause(attempt, request)
+
+    def roger_end_attempt(self, task_id: str, retval: Any, state: str) -> None:
+        """The attempt ended in the job's process, its result stored (``task_postrun``):
+        release the keys (promoting the next parked job), then run after_run / on_error /
+        on_buried, or on_cancel."""
+        request = self.request
+        ek, qk = job_keys(request)
+        attempt = getattr(request, "_roger_attempt", None)
+        # A job held for its paused queue is still pending: it keeps its queue key.
+        finish_quietly(self.app, task_id, ek, "" if attempt and attempt.paused else qk,
+                       instance=getattr(request, "roger_instance", None))
+        if attempt is None:
+            return
+        callbacks = runtime(self.app).callbacks
+        if attempt.cancelled:
+            if attempt.report_cancel:
+                events.send(self.app, "cancelled", attempt.job.id)
+                callbacks.emit(self, "on_cancel", attempt.job)
+            return
+        if attempt.paused:
+            return
+        states = None if attempt.timed_out else attempt.states
+        if state == states_.SUCCESS:
+            callbacks.emit(self, "after_run", attempt.job, states, result=retval)
+        elif state in (states_.FAILURE, states_.RETRY):
+            error = attempt.error
+            if error is None:
+                error = retval.exc if isinstance(retval, Retry) else retval
+            name = "on_buried" if attempt.decision and attempt.decision.kind == "bury" \
+                else "on_error"
+            callbacks.emit(self, name, attempt.job, states, error=error,
+                           traceback=attempt.traceback)
+
     def is_cancelled(self) -> bool:
         """Whether this job was cancelled (for pools that cannot kill it: threads, solo).
 
@@ -166,11 +231,14 @@ class RogerTask(Task):
         return cancelled
 
     def _roger_failed(self, attempt: Attempt, request: Any, exc: BaseException,
-                      traceback: str | None) -> None:
+                      traceback: str | None, *, raised: Exception | None = None) -> None:
+        """``raised``: what Celery sees in place of ``exc`` (when that is not an Exception)."""
         attempt.error, attempt.traceback = exc, traceback
         attempt.decision = record(self, attempt.job, request, exc, traceback)
+        if attempt.decision.kind == "unrecorded":
+            raise Reject(raised or exc, requeue=True) from exc
         if attempt.decision.kind == "retry":
-            raise Retry(exc=exc, when=attempt.decision.delay) from exc
+            raise Retry(exc=raised or exc, when=attempt.decision.delay) from exc
         if attempt.decision.kind == "cancelled":
             self._roger_cancelled(attempt, request, runtime(self.app).store.claim_cancel(
                 request.id))
@@ -183,11 +251,20 @@ class RogerTask(Task):
 
     def _roger_hold_for_pause(self, attempt: Attempt, request: Any) -> None:
         """Its queue was paused after admission: keep it in Redis until resume."""
-        header = attempt.job.header(attempt.job.retry_count)
-        runtime(self.app).store.park_paused(request.id, attempt.job.queue,
-                                            publish_entry(self, request, header))
+        store = runtime(self.app).store
+        header = attempt.job.header(attempt.job.retry_count, store.partition)
+        store.hold(request.id, attempt.job.queue, publish_entry(self, request, header))
         attempt.paused = True
         raise Ignore("queue paused")
+
+    def retry(self, *args: Any, **kwargs: Any) -> Any:
+        """Celery's ``retry`` (also used by ``autoretry_for``): the job is published again
+        as it was (its ``roger`` header kept: same keys, no queue key taken)."""
+        job_id = self.request.id
+        if not job_id:
+            return super().retry(*args, **kwargs)
+        with republishing(job_id):
+            return super().retry(*args, **kwargs)
 
     def get_queue_key(self, *args: Any, **kwargs: Any) -> str | None:
         return keys.compute(self.queue_key, args, kwargs)
@@ -218,9 +295,3 @@ class RogerTask(Task):
         return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow,
                                    **options)
 
-
-def _in_prefork_child() -> bool:
-    """True in a prefork pool process, where a cancelled job is killed by its worker."""
-    from billiard.process import current_process
-
-    return current_process().name.startswith("ForkPoolWorker")

@@ -270,8 +270,8 @@ def test_pause_with_jobs_already_prefetched(app_module, run, r, roger, worker):
     assert [e for e in attempts(r, run) if e["t"] > paused_at] == []
     # The prefetched jobs are not held unacked by the worker: each is held in Redis or
     # ready in the broker (whose count leaves out what it delivered and awaits an ack for).
-    assert roger.store.held_for_pause(queue) >= 1
-    assert roger.store.held_for_pause(queue) + broker_depth(app_module.app, queue) == 5
+    assert roger.store.held_count(queue) >= 1
+    assert roger.store.held_count(queue) + broker_depth(app_module.app, queue) == 5
     resumed = time.time()
     roger.resume(queue)
     assert [j.get(timeout=15) for j in rest] == [f"r{i}" for i in range(5)]

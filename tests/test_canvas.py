@@ -233,9 +233,12 @@ def test_chord_with_cancelled_members_fails_and_its_callback_never_runs(
                    app_module.append.s(run, "cb")).apply_async()
     wait_until(lambda: store.parked_ids(key) == [parked.id], timeout=20,
                what="a header member to park")
-    wait_until(lambda: store.retry_due_at(retried.id), timeout=20,
-               what="a header member to wait for its retry")
     roger = Roger(app_module.app)
+    # Waiting for its retry once its failed attempt has ended (its retry is recorded a
+    # moment before the attempt's end releases it as running).
+    wait_until(lambda: store.retry_due_at(retried.id)
+               and roger.job(retried.id)["state"] == "retrying", timeout=20,
+               what="a header member to wait for its retry")
     assert roger.cancel(retried.id) == "retry", "the retry must still be waiting"
     assert roger.cancel(parked.id) == "parked"
     roger.cancel(queued.id)

@@ -4,9 +4,11 @@ and resume buttons change the stored state (Debian's chromium + chromium-driver,
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
+import urllib.parse
 
 import pytest
 
@@ -17,6 +19,24 @@ from .test_inspection import dashboard  # noqa: F401 (fixture)
 
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def click_fresh(find, what):
+    """Click the element ``find()`` returns; the page re-renders every 2 s, so it is found
+    afresh until a click lands."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    def attempt():
+        try:
+            found = find()
+            if found is not None:
+                found.click()
+                return True
+        except StaleElementReferenceException:
+            pass
+        return False
+
+    wait_until(attempt, timeout=15, what=what)
 
 
 @pytest.fixture
@@ -61,17 +81,7 @@ def test_pause_and_resume_from_the_page(app_module, run, browser, dashboard, tmp
         return found[0] if found else None
 
     def click(label):
-        """Click the queue's button; the page re-renders every 2 s, so find it afresh."""
-        def attempt():
-            try:
-                found = button(label)
-                if found is not None:
-                    found.click()
-                    return True
-            except StaleElementReferenceException:
-                pass
-            return False
-        wait_until(attempt, timeout=15, what=f"the queue's {label} button")
+        click_fresh(lambda: button(label), f"the queue's {label} button")
 
     browser.execute_script("sessionStorage.setItem('rogerToken', 's3cret')")
     click("pause")
@@ -116,3 +126,284 @@ def test_the_job_page_explains_why_a_job_is_not_running(app_module, run, r, brow
     browser.save_screenshot(str(shot))
     print(f"screenshot: {shot}")
     roger.cancel(holder.id)
+
+
+# -- crafted values: job ids, queue names, keys, arguments, errors, the partition ----------
+
+#: Run in every new document before its own scripts: records each dialog and each
+#: Content-Security-Policy violation, so a test sees an injection that fired and one that
+#: only the CSP stopped (both fail it).
+RECORDER = """
+window.__seen = [];
+for (const name of ["alert", "confirm", "prompt"]) {
+  const original = window[name];
+  window[name] = function (message) {
+    window.__seen.push(name + ": " + message);
+    return original.apply(this, arguments);
+  };
+}
+document.addEventListener("securitypolicyviolation", (e) =>
+  window.__seen.push("csp: " + e.violatedDirective + " " + e.blockedURI));
+"""
+
+#: What an injection would leave in the page: elements or handlers no roger page makes.
+INJECTED = ("return [...document.querySelectorAll('img, iframe, object, embed, "
+            "script:not([src]), [onerror], [onclick], [onload], [onmouseover]')]"
+            ".map(e => e.outerHTML)")
+
+FIND_BUTTON = """
+const [first, label] = arguments;
+for (const tr of document.querySelectorAll('#view tr')) {
+  if (tr.cells.length && tr.cells[0].textContent === first) {
+    return [...tr.querySelectorAll('button')].find(b => b.textContent === label) || null;
+  }
+}
+return null;
+"""
+
+HAS_CELL = ("return [...document.querySelectorAll('#view td')]"
+            ".some(td => td.textContent === arguments[0])")
+
+
+def steal_payload(victim: str) -> str:
+    """A job id that, rendered into an inline ``onclick="act('...')"`` (the old page), pauses
+    ``victim`` with the operator's token: only characters that encodeURIComponent keeps."""
+    import base64
+
+    for pad in range(100):
+        path = f"/api/roger/queues/{victim}{'-' * pad}/pause"
+        encoded = base64.b64encode(path.encode()).decode()
+        if encoded.isalnum():
+            return f"x')-act(atob('{encoded}'))-('", f"{victim}{'-' * pad}"
+    raise AssertionError("no clean base64")
+
+
+@pytest.fixture
+def recording(browser):
+    """The browser, recording dialogs and CSP violations in every page it loads."""
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": RECORDER})
+    return browser
+
+
+class Page:
+    """The page under test: find and click buttons while it re-renders every 2 s, take
+    the confirm it asks, and check nothing was injected."""
+
+    def __init__(self, browser):
+        self.browser = browser
+        self.seen: list[str] = []
+
+    def open(self, url):
+        self.collect()
+        self.browser.get(url)
+
+    def open_job(self, base, job_id, showing):
+        """The page of ``job_id`` (its id quoted in the URL as it is), once it shows
+        ``showing``; its heading names the job, as text."""
+        from selenium.webdriver.common.by import By
+
+        self.open(f"{base}/jobs/{urllib.parse.quote(job_id, safe='')}")
+        wait_until(lambda: showing in self.browser.find_element(By.ID, "view").text,
+                   timeout=15, what=f"the page of job {job_id!r} to show {showing!r}")
+        assert self.browser.find_element(By.CSS_SELECTOR, "#view h3").text == f"Job {job_id}"
+        self.clean()
+
+    def collect(self):
+        """Dialogs and CSP violations the current document recorded (kept across pages)."""
+        from selenium.common.exceptions import WebDriverException
+
+        try:
+            self.seen += self.browser.execute_script("return window.__seen || []") or []
+            self.browser.execute_script("window.__seen = []")
+        except WebDriverException:
+            pass
+
+    def clean(self):
+        assert self.browser.execute_script(INJECTED) == []
+        self.collect()
+        unexpected = [s for s in self.seen if not s.startswith("confirm: ")]
+        assert unexpected == [], f"dialogs or CSP violations: {unexpected}"
+
+    def click(self, first_cell, label):
+        click_fresh(lambda: self.browser.execute_script(FIND_BUTTON, first_cell, label),
+                    f"the {label} button of {first_cell!r}")
+
+    def click_exact(self, xpath):
+        from selenium.common.exceptions import (
+            NoSuchElementException,
+            StaleElementReferenceException,
+        )
+        from selenium.webdriver.common.by import By
+
+        def attempt():
+            try:
+                self.browser.find_element(By.XPATH, xpath).click()
+                return True
+            except (NoSuchElementException, StaleElementReferenceException):
+                return False
+
+        wait_until(attempt, timeout=15, what=xpath)
+
+    def dialog(self):
+        """The dialog now open: its text, accepted (fails when none opens)."""
+        from selenium.common.exceptions import NoAlertPresentException
+
+        def text():
+            try:
+                return self.browser.switch_to.alert.text or " "
+            except NoAlertPresentException:
+                return None
+
+        shown = wait_until(text, timeout=10, what="a dialog")
+        self.browser.switch_to.alert.accept()
+        return shown
+
+    def no_dialog(self):
+        from selenium.common.exceptions import NoAlertPresentException
+
+        try:
+            shown = self.browser.switch_to.alert.text
+        except NoAlertPresentException:
+            return
+        pytest.fail(f"unexpected dialog: {shown!r}")
+
+    def has_cell(self, text):
+        return self.browser.execute_script(HAS_CELL, text)
+
+
+def test_crafted_values_stay_text_and_actions_reach_the_right_job(
+        app_module, run, r, recording, dashboard, worker):  # noqa: F811
+    """Job ids, a queue, a key, arguments, error text and a pause reason that would break
+    out of the old page's ``onclick="act('...')"`` or its HTML are shown as text, open no
+    dialog, and the cancel / resume / requeue buttons act on exactly that job or queue."""
+    from selenium.webdriver.common.by import By
+
+    from .conftest import events
+
+    roger = Roger(app_module.app)
+    queue = f"q-{run}"
+    steal, victim = steal_payload(f"victim-{run}")
+    holder_id = f"{run}x')-alert(1)-('"
+    parked_id = f'{run}"><img src=x onerror=alert(2)>'
+    buried_id = f"{run}{steal}"
+    cancelled_id = f"{run}</a><img src=x onerror=alert(3)>')-alert(4)-('"
+    crafted_queue = f"q-{run}')-alert(5)-('<img src=x onerror=alert(6)>"
+    reason = "<img src=x onerror=alert(7)>')-alert(8)-('"
+    key = f"{run}:k')-alert(9)-('<img src=x onerror=alert(10)>"
+    name = "<img src=x onerror=alert(11)>')-alert(12)-('"
+
+    worker(concurrency=2)
+    app_module.once.apply_async((run, name, "fail2"), task_id=buried_id)
+    wait_until(lambda: [j for j in roger.buried(queue) if j.id == buried_id], timeout=20,
+               what="the burial")
+    app_module.fragile.apply_async((run, "holder", "sleep", 60), task_id=holder_id,
+                                   execution_key=key)
+    wait_until(lambda: roger.job(holder_id)["state"] == "running", timeout=15,
+               what="the holder to run")
+    app_module.fragile.apply_async((run, "parked"), task_id=parked_id, execution_key=key)
+    wait_until(lambda: roger.store.parked_ids(key) == [parked_id], timeout=15, what="parking")
+    roger.pause(crafted_queue, reason=reason)
+    roger.cancel(cancelled_id)
+
+    base = dashboard("--token", "s3cret")
+    page = Page(recording)
+    page.open(base + "/")
+    recording.execute_script("sessionStorage.setItem('rogerToken', 's3cret')")
+
+    # The overview shows every crafted value as text.
+    for text in (holder_id, crafted_queue, key, cancelled_id):
+        wait_until(lambda text=text: page.has_cell(text), timeout=15, what=repr(text))
+    assert page.has_cell(f"paused 0s ago ({reason})") or any(
+        page.has_cell(f"paused {s}s ago ({reason})") for s in range(1, 30))
+    page.clean()
+
+    # Resume the crafted queue: exactly it, and nothing else, is resumed; no dialog.
+    page.click(crafted_queue, "resume")
+    wait_until(lambda: crafted_queue not in roger.paused_queues(), timeout=10,
+               what="the crafted queue resumed")
+    time.sleep(0.5)
+    page.no_dialog()
+    page.clean()
+
+    # A crafted /jobs/<id> link: the parked job's page; its cancel reaches that job.
+    page.open_job(base, parked_id, "parked")
+    page.click_exact("//div[@id='view']/button[normalize-space()='cancel']")
+    assert page.dialog() == f"Cancel job {parked_id}?"
+    wait_until(lambda: roger.store.is_cancelled(parked_id), timeout=10,
+               what="the parked job cancelled")
+    assert roger.store.parked_ids(key) == []
+    wait_until(lambda: f'"id":{json.dumps(parked_id)}' in
+               recording.find_element(By.ID, "msg").text.replace(", ", ","),
+               timeout=10, what="the page to report the cancel")
+    page.clean()
+
+    # The overview's cancel on the crafted holder id reaches that job.
+    page.open(base + "/")
+    page.click(holder_id, "cancel")
+    assert page.dialog() == f"Cancel job {holder_id}?"
+    wait_until(lambda: roger.store.is_cancelled(holder_id), timeout=10,
+               what="the holder cancelled")
+    wait_until(lambda: roger.job(holder_id)["state"] != "running", timeout=15,
+               what="the holder stopped")
+    time.sleep(0.5)
+    page.no_dialog()
+    page.clean()
+
+    # The buried page: the crafted error and task arguments are text; requeue reaches the
+    # job (its third attempt succeeds) and the crafted id pauses nothing.
+    page.open(base + "/buried")
+    wait_until(lambda: page.has_cell(buried_id), timeout=15, what="the buried row")
+    assert page.has_cell(f"RuntimeError: boom {name}") or any(
+        name in td.text for td in recording.find_elements(By.CSS_SELECTOR, "#view td"))
+    page.clean()
+    page.click(buried_id, "requeue")
+    wait_until(lambda: [e for e in events(r, run, "done") if e["name"] == name], timeout=20,
+               what="the requeued job to run")
+    time.sleep(0.5)
+    page.no_dialog()
+    page.clean()
+
+    # The page at /jobs/<the holder's crafted id> too.
+    page.open_job(base, holder_id, "cancelled")
+
+    assert page.seen == [f"confirm: Cancel job {parked_id}?",
+                         f"confirm: Cancel job {holder_id}?"]
+    paused = roger.paused_queues()
+    assert victim not in paused and crafted_queue not in paused and queue not in paused
+
+
+def test_a_crafted_partition_name_stays_text(app_module, run, recording, dashboard):  # noqa: F811
+    """``roger_partition`` (no braces allowed) with markup: the title and header show it as
+    text, nothing runs, and the page's pause button still works in that partition."""
+    from celery import Celery
+    from selenium.webdriver.common.by import By
+
+    partition = f"p{run}</title><script>alert(1)</script><img src=x onerror=alert(2)>'\""
+    base = dashboard("--token", "s3cret", env={"ROGER_TEST_PARTITION": partition})
+    page = Page(recording)
+    page.open(base + "/")
+    queue = f"q-{run}"
+    wait_until(lambda: page.has_cell(queue), timeout=15, what="the queues table")
+    assert recording.title == f"roger: {partition}"
+    assert recording.find_element(By.ID, "partition").text == partition
+    page.clean()
+
+    app = Celery("crafted-partition", broker=app_module.app.conf.broker_url)
+    app.conf.update(roger_redis_url=app_module.app.conf.roger_redis_url,
+                    roger_partition=partition)
+    try:
+        other = Roger(app)
+        recording.execute_script("sessionStorage.setItem('rogerToken', 's3cret')")
+        page.click(queue, "pause")
+        assert page.dialog() == f"Pause queue {queue}?"
+        wait_until(lambda: queue in other.paused_queues(), timeout=10,
+                   what="the pause in the crafted partition")
+        assert queue not in Roger(app_module.app).paused_queues()  # not in "test"
+        page.click(queue, "resume")
+        wait_until(lambda: queue not in other.paused_queues(), timeout=10, what="the resume")
+        time.sleep(0.5)
+        page.no_dialog()
+        page.clean()
+        assert page.seen == [f"confirm: Pause queue {queue}?"]
+    finally:
+        app.close()

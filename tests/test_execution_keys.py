@@ -173,6 +173,7 @@ def test_promotion_whose_publisher_died_is_published_by_a_worker(app_module, run
     store = Store(replace(runtime(app_module.app).settings, publish_grace_seconds=1))
     key = f"{run}:k"
     # A holder that is not a real job, so nothing but this test releases the key.
+    store.renew("ghost-worker", registered=False)
     store.admit("ghost", instance="ghost-worker", execution_key=key,
                 info={"job": "ghost", "instance": "ghost-worker"}, message={})
     parked = app_module.step.apply_async((run, "parked"), execution_key=key)

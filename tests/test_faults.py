@@ -105,7 +105,7 @@ def held_keys(roger: Roger, run: str) -> dict[str, list[str]]:
     """Keys of this run still held, and jobs of this run still recorded anywhere."""
     store = roger.store
     found: dict[str, list[str]] = {}
-    for kind, hash_key in (("queue", store.k_qkeys), ("execution", store.k_held)):
+    for kind, hash_key in (("queue", store.k_qkeys), ("execution", store.k_holders)):
         found[kind] = sorted(k.decode() for k in store.redis.hkeys(hash_key)
                              if k.decode().startswith(run))
     found["parked"] = sorted(k.decode() for k in store.redis.scan_iter(

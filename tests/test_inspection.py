@@ -189,14 +189,16 @@ def test_remote_inspect(app_module, run, r, roger, worker):
 
 @pytest.fixture
 def dashboard(redis_url, run, tmp_path):
+    """``start(*args, env={...})``: a real ``celery roger dashboard``, stopped after the
+    test; ``env`` adds to the CLI's environment."""
     servers = []
 
-    def start(*args):
+    def start(*args, env=None):
         port = free_port()
         log = open(tmp_path / f"dashboard-{port}.log", "w")  # noqa: SIM115
         proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "roger_app", "roger",
                                  "dashboard", "--port", str(port), *args], cwd=APPS,
-                                env=cli_env(redis_url, run), stdout=log,
+                                env={**cli_env(redis_url, run), **(env or {})}, stdout=log,
                                 stderr=subprocess.STDOUT)
         servers.append(proc)
         base = f"http://127.0.0.1:{port}"

@@ -1,49 +1,53 @@
+--! KEYS: workers running holders msg promoting parked cancelled cancel_reported paused parked_count stats qkeys qk_pending crash_checks crash_info
+--! ARGV: job instance ek info message queue qkey
 -- Admit: the check a delivered job passes before it may run (worker main process).
--- Renews the worker's lease, then either records the job as running (taking its
+-- Checks the worker's lease, then either records the job as running (taking its
 -- execution key, or picking up the key handed to it on promotion), or parks it
 -- behind the job holding the key.
 -- KEYS: workers (zset instance -> lease deadline ms), running (hash job -> info json),
---       held (hash execution key -> job), msg (hash job -> message json),
+--       holders (hash execution key -> job), msg (hash job -> message json),
 --       promoting (zset job -> deadline), parked (list of job ids for this execution key),
 --       cancelled (zset job -> expiry), cancel_reported (zset job -> expiry),
 --       paused (hash queue -> info json), parked_count (hash queue -> parked jobs), stats,
 --       qkeys, qk_pending, crash_checks, crash_info
--- ARGV: job id, worker instance, lease_ms, execution key or '', info json, message json,
+-- ARGV: job id, worker instance, (unused), execution key or '', info json, message json,
 --       queue, queue key or ''
 -- A cancelled job is refused first ({'cancelled', 1 if this call claims its on_cancel}),
 -- then a job of a paused queue ({'paused'}: the caller stores it for resume).
--- Returns {'run'}, {'run', earlier attempt's record json} for a redelivered job whose
--- earlier attempt's worker is dead (see record_running in lib.lua), or
--- {'parked', position, holder}.
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local job, ekey = ARGV[1], ARGV[4]
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+-- Returns {'nolease'} (the caller admits it later), {'run'}, {'run', earlier attempt's
+-- record json} for a redelivered job whose earlier attempt's worker is dead (see
+-- record_running in lib.lua), or {'parked', position, holder}.
+local now = now_ms()
+local job, ekey = A.job, A.ek
+-- Only under a live lease: a worker whose lease ran out (stopped, stalled) may have had
+-- its jobs taken for dead; it admits nothing until its lease thread has registered again.
+local lease = redis.call('ZSCORE', K.workers, A.instance)
+if not lease or tonumber(lease) <= now then return {'nolease'} end
 
-local refused = arrival_check(job, ARGV[7], ARGV[8], now, {
-  qkeys = KEYS[12], qk_pending = KEYS[13], cancelled = KEYS[7], cancel_reported = KEYS[8],
-  stats = KEYS[11], paused = KEYS[9]})
+local refused = arrival_check(job, A.queue, A.qkey, now, {
+  qkeys = K.qkeys, qk_pending = K.qk_pending, cancelled = K.cancelled, cancel_reported = K.cancel_reported,
+  stats = K.stats, paused = K.paused})
 if refused then return refused end
 
 if ekey ~= '' then
-  local holder = redis.call('HGET', KEYS[3], ekey)
+  local holder = redis.call('HGET', K.holders, ekey)
   -- The holder is this job only when the key was handed to it on promotion; a second
   -- delivery of a job that is already running waits its turn like any other.
-  local mine = holder == job and redis.call('HEXISTS', KEYS[2], job) == 0
+  local mine = holder == job and redis.call('HEXISTS', K.running, job) == 0
   if holder and not mine then
-    redis.call('HSET', KEYS[4], job, ARGV[6])
-    local position = redis.call('RPUSH', KEYS[6], job)
-    redis.call('HINCRBY', KEYS[10], ARGV[7], 1)
+    redis.call('HSET', K.msg, job, A.message)
+    local position = redis.call('RPUSH', K.parked, job)
+    redis.call('HINCRBY', K.parked_count, A.queue, 1)
     return {'parked', position, holder}
   end
   if mine then
-    redis.call('HDEL', KEYS[4], job)
-    redis.call('ZREM', KEYS[5], job)
+    redis.call('HDEL', K.msg, job)
+    redis.call('ZREM', K.promoting, job)
   else
-    redis.call('HSET', KEYS[3], ekey, job)
+    redis.call('HSET', K.holders, ekey, job)
   end
 end
-local crashed = record_running(job, ARGV[5], ARGV[2], now, {
-  workers = KEYS[1], running = KEYS[2], crash_checks = KEYS[14], crash_info = KEYS[15]})
+local crashed = record_running(job, A.info, A.instance, now, {
+  workers = K.workers, running = K.running, crash_checks = K.crash_checks, crash_info = K.crash_info})
 if crashed then return {'run', crashed} end
 return {'run'}

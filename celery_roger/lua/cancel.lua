@@ -1,63 +1,70 @@
+--! KEYS: cancelled cancel_reported cancel_reports retry retry_msg msg promoting held_msg qkeys qk_pending running parked_count stats
+--! ARGV: job ttl_ms prefix
 -- Cancel a job: remember it (until its TTL), and take it out of every place where it
 -- waits in Redis (for its retry, parked on an execution key, held by a paused queue),
 -- releasing its queue key. A worker's tick then reports it (on_cancel) exactly once.
 -- KEYS: cancelled, cancel_reported, cancel_reports (list), retry, retry_msg, msg,
---       promoting, paused_msg, qkeys, qk_pending, running, parked_count, stats
--- ARGV: job id, ttl_ms, key prefix (for parked:<execution key> and pausedjobs:<queue>)
+--       promoting, held_msg, qkeys, qk_pending, running, parked_count, stats
+-- ARGV: job id, ttl_ms, key prefix (for parked:<execution key> and held:<queue>)
 -- Returns {running info json or '', where it waited or ''}.
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local job, expiry = ARGV[1], now + tonumber(ARGV[2])
-redis.call('ZADD', KEYS[1], 'GT', expiry, job)
+local now = now_ms()
+local job, expiry = A.job, now + tonumber(A.ttl_ms)
+redis.call('ZADD', K.cancelled, 'GT', expiry, job)
 
 local function release_qkey(qkey)
-  if type(qkey) == 'string' and qkey ~= '' and redis.call('HGET', KEYS[9], qkey) == job then
-    redis.call('HDEL', KEYS[9], qkey)
-    redis.call('ZREM', KEYS[10], qkey)
-  end
+  release_queue_key(K.qkeys, K.qk_pending, qkey, job)
 end
-local function roger_header(stored)
-  local ok, decoded = pcall(cjson.decode, stored)
-  if not ok then return {} end
-  local headers = decoded.raw and decoded.raw.headers
-    or (decoded.options and decoded.options.headers) or decoded.headers or {}
-  return headers.roger or {}
+-- The roger header of a stored job (a parked message, a retry entry, a held job).
+local function roger_header(decoded)
+  -- Its shape is told by `kind` (records.py, StoredJob), or by its fields if written
+  -- before 0.2.
+  local kind = decoded and decoded.kind
+  local header
+  if kind == 'message' then
+    header = dig(decoded, 'raw', 'headers', 'roger') or dig(decoded, 'headers', 'roger')
+  elseif kind == 'entry' then
+    header = dig(decoded, 'options', 'headers', 'roger')
+  end
+  header = header or dig(decoded, 'raw', 'headers', 'roger') or dig(decoded, 'options', 'headers',
+    'roger') or dig(decoded, 'headers', 'roger')
+  if type(header) == 'table' then return header end
+  return {}
 end
 
 local where, stored = '', false
-stored = redis.call('HGET', KEYS[5], job)
+stored = redis.call('HGET', K.retry_msg, job)
 if stored then
-  redis.call('ZREM', KEYS[4], job)
-  redis.call('HDEL', KEYS[5], job)
+  redis.call('ZREM', K.retry, job)
+  redis.call('HDEL', K.retry_msg, job)
   where = 'retry'
 else
-  stored = redis.call('HGET', KEYS[8], job)
+  stored = redis.call('HGET', K.held_msg, job)
   if stored then
-    local header = roger_header(stored)
-    local ok, decoded = pcall(cjson.decode, stored)
-    local queue = (ok and decoded.queue) or header.q
-    if type(queue) == 'string' then
-      redis.call('LREM', ARGV[3] .. 'pausedjobs:' .. queue, 0, job)
+    local decoded = stored_object(K.held_msg, job, stored) or {}
+    local header = roger_header(decoded)
+    local queue = str(decoded.queue) or str(header.q)
+    if queue then
+      redis.call('LREM', A.prefix .. 'held:' .. queue, 0, job)
     end
-    redis.call('HDEL', KEYS[8], job)
+    redis.call('HDEL', K.held_msg, job)
     release_qkey(header.qk)
     where = 'paused'
   else
-    stored = redis.call('HGET', KEYS[6], job)
-    if stored and not redis.call('ZSCORE', KEYS[7], job) then
-      local header = roger_header(stored)
-      if header.ek and redis.call('LREM', ARGV[3] .. 'parked:' .. header.ek, 0, job) > 0
-          and type(header.q) == 'string' then
-        redis.call('HINCRBY', KEYS[12], header.q, -1)
+    stored = redis.call('HGET', K.msg, job)
+    if stored and not redis.call('ZSCORE', K.promoting, job) then
+      local header = roger_header(stored_object(K.msg, job, stored))
+      if str(header.ek) and redis.call('LREM', A.prefix .. 'parked:' .. header.ek, 0, job) > 0
+          and str(header.q) then
+        redis.call('HINCRBY', K.parked_count, header.q, -1)
       end
-      redis.call('HDEL', KEYS[6], job)
+      redis.call('HDEL', K.msg, job)
       release_qkey(header.qk)
       where = 'parked'
     end
   end
 end
-if where ~= '' and redis.call('ZADD', KEYS[2], 'NX', expiry, job) == 1 then
-  redis.call('HINCRBY', KEYS[13], 'cancelled', 1)
-  redis.call('RPUSH', KEYS[3], cjson.encode({job = job, where = where, stored = stored}))
+if where ~= '' and redis.call('ZADD', K.cancel_reported, 'NX', expiry, job) == 1 then
+  redis.call('HINCRBY', K.stats, 'cancelled', 1)
+  redis.call('RPUSH', K.cancel_reports, cjson.encode({job = job, where = where, stored = stored}))
 end
-return {redis.call('HGET', KEYS[11], job) or '', where}
+return {redis.call('HGET', K.running, job) or '', where}

@@ -1,47 +1,70 @@
+--! KEYS: running holders msg promoting qkeys qk_pending parked parked_count
+--! ARGV: job ek qkey grace_ms force instance
 -- Finish: a job's attempt ended (any outcome). Forget it as running, release its queue
 -- key and execution key (each only if this job holds it) and hand the execution key
 -- to the next parked job, whose message the caller then publishes and confirms.
--- With ARGV[5] == '1' (force), the execution key is released whoever holds it, and
--- the running record and queue key are left alone.
--- KEYS: running, held, msg, promoting, qkeys, qk_pending, parked (for this execution key),
+-- With A.force == '1' (force), the execution key is released whoever holds it (or if
+-- nobody does), and the running record and queue key are left alone.
+-- KEYS: running, holders, msg, promoting, qkeys, qk_pending, parked (for this execution key),
 --       parked_count (hash queue -> parked jobs)
--- ARGV: job id, execution key or '', queue key or '', grace_ms, force
--- Returns {removed} or {removed, next job id, its message json}; removed is 1 when
--- this call forgot the job as running (so exactly one caller reports its end).
-local job, ekey, qkey = ARGV[1], ARGV[2], ARGV[3]
-local force = ARGV[5] == '1'
+-- ARGV: job id, execution key or '', queue key or '', grace_ms, force, the worker instance
+--       of the attempt that ended or '' (any)
+-- Returns {removed} or {removed, next job id, its message json, how}; removed is 1 when
+-- this call forgot the job as running (so exactly one caller reports its end). how is
+-- 'pushed' when this script pushed the promoted job's kombu payload back to its broker
+-- list itself (a message parked with `kombu_payload` and `kombu_list`, on a Redis broker
+-- that is this database: fuse.py), to the end BRPOP takes next, so it starts before the
+-- jobs queued after it; else 'publish': the caller publishes it, then confirms it
+-- (`promoting`).
+local job, ekey, qkey = A.job, A.ek, A.qkey
+local force = A.force == '1'
 local removed = 0
+if not force and A.instance ~= '' then
+  -- The end of one attempt, on worker instance A.instance. If the job is recorded as
+  -- running elsewhere, this attempt is stale (its worker was stopped past its lease, and
+  -- the job was redelivered and admitted again): it releases nothing of the live one.
+  local info = stored_object(K.running, job, redis.call('HGET', K.running, job))
+  if info and str(info.instance) and info.instance ~= A.instance then return {0} end
+end
 if not force then
-  removed = redis.call('HDEL', KEYS[1], job)
-  if qkey ~= '' and redis.call('HGET', KEYS[5], qkey) == job then
-    redis.call('HDEL', KEYS[5], qkey)
-    redis.call('ZREM', KEYS[6], qkey)
+  if ekey ~= '' and redis.call('HEXISTS', K.running, job) == 0
+      and redis.call('HGET', K.holders, ekey) == job then
+    -- A promoted job that ended before its admission (it expired, it was revoked): its
+    -- stored message goes with it.
+    redis.call('HDEL', K.msg, job)
+    redis.call('ZREM', K.promoting, job)
   end
+  removed = redis.call('HDEL', K.running, job)
+  release_queue_key(K.qkeys, K.qk_pending, qkey, job)
 end
 if ekey == '' then
   return {removed}
 end
-local holder = redis.call('HGET', KEYS[2], ekey)
-if not holder or (holder ~= job and not force) then
+-- Forced (an operator's release): the next parked job starts even if the key has no
+-- holder any more (`holders` deleted by hand), so no line is stranded.
+if not force and redis.call('HGET', K.holders, ekey) ~= job then
   return {removed}
 end
 while true do
-  local nxt = redis.call('LPOP', KEYS[7])
+  local nxt = redis.call('LPOP', K.parked)
   if not nxt then
-    redis.call('HDEL', KEYS[2], ekey)
+    redis.call('HDEL', K.holders, ekey)
     return {removed}
   end
-  local message = redis.call('HGET', KEYS[3], nxt)
-  if message then
-    local ok, decoded = pcall(cjson.decode, message)
-    local header = ok and decoded.headers and decoded.headers.roger
-    if type(header) == 'table' and type(header.q) == 'string' then
-      redis.call('HINCRBY', KEYS[8], header.q, -1)
+  local message = redis.call('HGET', K.msg, nxt)
+  local decoded = stored_object(K.msg, nxt, message)
+  local queue = str(dig(decoded, 'headers', 'roger', 'q'))
+  if queue then redis.call('HINCRBY', K.parked_count, queue, -1) end
+  if decoded and type(decoded.body) == 'string' then
+    redis.call('HSET', K.holders, ekey, nxt)
+    if type(decoded.kombu_payload) == 'string' and type(decoded.kombu_list) == 'string'
+        and decoded.kombu_list ~= '' then
+      redis.call('RPUSH', decoded.kombu_list, decoded.kombu_payload)
+      return {removed, nxt, message, 'pushed'}
     end
-    local t = redis.call('TIME')
-    local now = t[1] * 1000 + math.floor(t[2] / 1000)
-    redis.call('HSET', KEYS[2], ekey, nxt)
-    redis.call('ZADD', KEYS[4], now + tonumber(ARGV[4]), nxt)
-    return {removed, nxt, message}
+    redis.call('ZADD', K.promoting, now_ms() + tonumber(A.grace_ms), nxt)
+    return {removed, nxt, message, 'publish'}
+  elseif decoded then
+    quarantine_field(K.msg, nxt, message, 'a parked message without a body')
   end
 end

@@ -1,4 +1,156 @@
--- Functions shared by the scripts: store.py prepends this file to each one when loading.
+-- Functions shared by the scripts: store_base.py prepends this file (after clock.lua) to
+-- each one when loading, but for a lean one (`--! LEAN`).
+
+-- Release queue key `qkey` if `job` holds it (compare-and-delete), with its pending
+-- deadline. Returns whether it did.
+local function release_queue_key(qkeys, qk_pending, qkey, job)
+  if type(qkey) ~= 'string' or qkey == '' or redis.call('HGET', qkeys, qkey) ~= job then
+    return false
+  end
+  redis.call('HDEL', qkeys, qkey)
+  redis.call('ZREM', qk_pending, qkey)
+  return true
+end
+
+-- Poison-proofing. Every key roger owns has one Redis type; a script finding a key of
+-- another type (written by hand, by another program, by an older bug) moves it aside
+-- before anything else, so no script fails half-way (Lua scripts do not roll back) and
+-- no worker stops on it. What was moved is recorded in the `quarantine` hash (field: the
+-- key, or key#field for one bad hash value), counted in stats (`quarantined`) and queued
+-- in `quarantine_log` for a worker to log once.
+local KEY_TYPES = {
+  workers = 'zset', running = 'hash', holders = 'hash', msg = 'hash', promoting = 'zset',
+  qkeys = 'hash', qk_pending = 'zset', retry = 'zset', retry_msg = 'hash',
+  buried = 'zset', buried_msg = 'hash', buried_dropped = 'hash', buried_queues = 'set',
+  cancelled = 'zset', cancel_reported = 'zset', cancel_reports = 'list', paused = 'hash',
+  held_msg = 'hash', held_queues = 'set', parked_count = 'hash', stats = 'hash',
+  crash_checks = 'zset', crash_info = 'hash', quarantine = 'hash', quarantine_log = 'list',
+  orphan_suspects = 'zset', orphan_suspect_keys = 'hash', sweep = 'hash', schema = 'hash',
+  fuse = 'string',
+}
+local function key_type(key)
+  local prefix, name = string.match(key, '^(roger:{[^}]*}:)(.*)$')
+  if not name then return nil, nil end
+  if string.sub(name, 1, 7) == 'parked:' or string.sub(name, 1, 5) == 'held:' then
+    return prefix, 'list'
+  end
+  if string.sub(name, 1, 7) == 'buried:' then return prefix, 'zset' end
+  return prefix, KEY_TYPES[name]
+end
+
+local function preview(value)
+  if type(value) ~= 'string' then return '' end
+  if #value > 120 then return string.sub(value, 1, 120) .. '...' end
+  return value
+end
+
+-- Make sure roger's own bookkeeping keys have their types (moved aside unrecorded if not).
+local function own_key(prefix, name, wanted, now)
+  local key = prefix .. name
+  local actual = redis.call('TYPE', key).ok
+  if actual ~= 'none' and actual ~= wanted then
+    redis.call('RENAME', key, prefix .. 'quarantined:' .. name .. ':' .. now)
+  end
+  return key
+end
+
+local function quarantine_record(prefix, field, record, now)
+  local q = own_key(prefix, 'quarantine', 'hash', now)
+  local log = own_key(prefix, 'quarantine_log', 'list', now)
+  local stats = own_key(prefix, 'stats', 'hash', now)
+  record.at = now
+  local encoded = cjson.encode(record)
+  redis.call('HSET', q, field, encoded)
+  redis.call('RPUSH', log, encoded)
+  redis.call('LTRIM', log, -100, -1)
+  redis.call('HINCRBY', stats, 'quarantined', 1)
+end
+
+-- Move a whole key of the wrong type aside.
+local function quarantine_key(key, actual, wanted)
+  local prefix = key_type(key)
+  local now = now_ms()
+  local moved = prefix .. 'quarantined:' .. string.sub(key, #prefix + 1) .. ':' .. now
+  local sample = ''
+  if actual == 'string' then sample = redis.call('GETRANGE', key, 0, 120) end
+  redis.call('RENAME', key, moved)
+  quarantine_record(prefix, key, {key = key, type = actual, expected = wanted,
+    moved_to = moved, preview = preview(sample)}, now)
+end
+
+-- Move one unreadable value of a hash aside (its whole value is kept in the record).
+local function quarantine_field(hash, field, value, reason)
+  local prefix = key_type(hash)
+  redis.call('HDEL', hash, field)
+  quarantine_record(prefix, hash .. '#' .. field, {key = hash, field = field,
+    reason = reason, value = value, preview = preview(value)}, now_ms())
+end
+
+-- Record an unreadable entry already taken out of a list or set.
+local function quarantine_item(key, value, reason)
+  local now = now_ms()
+  quarantine_record(key_type(key), key .. '#' .. now, {key = key, reason = reason,
+    value = value, preview = preview(value)}, now)
+end
+
+-- Check the types of all KEYS of the running script (called first by every script).
+local function guard_keys()
+  for _, key in ipairs(KEYS) do
+    local _, wanted = key_type(key)
+    if wanted then
+      local actual = redis.call('TYPE', key).ok
+      if actual ~= 'none' and actual ~= wanted then quarantine_key(key, actual, wanted) end
+    end
+  end
+end
+
+-- Whether `s` is UTF-8 (JSON must be; cjson does not check, Python's json does).
+local function valid_utf8(s)
+  if not string.find(s, '[\128-\255]') then return true end
+  local i, n = 1, #s
+  while i <= n do
+    local c = string.byte(s, i)
+    local len = 1
+    if c >= 0xC2 and c <= 0xDF then len = 2
+    elseif c >= 0xE0 and c <= 0xEF then len = 3
+    elseif c >= 0xF0 and c <= 0xF4 then len = 4
+    elseif c >= 0x80 then return false end
+    for j = i + 1, i + len - 1 do
+      local cc = string.byte(s, j)
+      if not cc or cc < 0x80 or cc > 0xBF then return false end
+    end
+    i = i + len
+  end
+  return true
+end
+
+-- A JSON object stored in hash `hash` under `field`, or nil (the value is quarantined
+-- when it is not a JSON object in UTF-8).
+local function stored_object(hash, field, value)
+  if not value then return nil end
+  local ok, decoded = pcall(cjson.decode, value)
+  -- (cjson decodes an array to a table too: one with elements is not an object)
+  if ok and type(decoded) == 'table' and #decoded == 0 and valid_utf8(value) then
+    return decoded
+  end
+  quarantine_field(hash, field, value, 'not a JSON object')
+  return nil
+end
+
+-- t[k1][k2]... when every step is a table, else nil.
+local function dig(t, ...)
+  for _, k in ipairs({...}) do
+    if type(t) ~= 'table' then return nil end
+    t = t[k]
+  end
+  return t
+end
+
+local function str(value)
+  if type(value) == 'string' then return value end
+  return nil
+end
+
 
 -- Take up to `limit` entries of a retry-style sorted set that are due, for publishing:
 -- each is re-scored to now + grace, so no other caller takes it before its publisher
@@ -8,6 +160,7 @@ local function take_due(zset, stored_hash, now, grace, limit)
   local due = {}
   for _, job in ipairs(redis.call('ZRANGEBYSCORE', zset, '-inf', now, 'LIMIT', 0, limit)) do
     local stored = redis.call('HGET', stored_hash, job)
+    if stored and not stored_object(stored_hash, job, stored) then stored = nil end
     if stored then
       local score = now + grace
       redis.call('ZADD', zset, score, job)
@@ -51,10 +204,9 @@ end
 -- k: {workers, running, crash_checks, crash_info} key names. Returns the record or nil.
 local function record_running(job, info_json, instance, now, k)
   local previous = redis.call('HGET', k.running, job)
+  local info = stored_object(k.running, job, previous)
   redis.call('HSET', k.running, job, info_json)
-  if not previous then return nil end
-  local ok, info = pcall(cjson.decode, previous)
-  if not ok or info.instance == instance then return nil end
+  if not info or not str(info.instance) or info.instance == instance then return nil end
   local lease = redis.call('ZSCORE', k.workers, info.instance)
   if lease and tonumber(lease) > now then
     redis.call('ZADD', k.crash_checks, tonumber(lease) + 1000, job)
@@ -62,4 +214,21 @@ local function record_running(job, info_json, instance, now, k)
     return nil
   end
   return previous
+end
+
+-- The orphaned-key sweep's view (sweep_keys.lua finds suspects, orphan.lua acts on them;
+-- both must agree). k: {qk_pending, running, msg, held_msg, buried_msg, promoting}.
+-- A queue key's job is accounted for while the key is not yet confirmed (its publisher's
+-- grace, or a job's expiry), or the job is running, parked or promoted, held for a
+-- pause, or buried.
+local function queue_key_accounted(k, qkey, job)
+  return redis.call('ZSCORE', k.qk_pending, qkey) or redis.call('HEXISTS', k.running, job) == 1
+    or redis.call('HEXISTS', k.msg, job) == 1 or redis.call('HEXISTS', k.held_msg, job) == 1
+    or redis.call('HEXISTS', k.buried_msg, job) == 1
+end
+
+-- An execution key's holder is accounted for while it runs, or while it is promoted and
+-- its publisher has not confirmed the publish (the tick republishes it if need be).
+local function holder_accounted(k, job)
+  return redis.call('HEXISTS', k.running, job) == 1 or redis.call('ZSCORE', k.promoting, job)
 end

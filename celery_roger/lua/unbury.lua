@@ -1,11 +1,13 @@
+--! KEYS: buried buried_queue buried_msg qkeys qk_pending
+--! ARGV: job qkey
 -- Requeue a buried job, step 2: its message is in the broker; remove its entry and
 -- confirm the queue key step 1 took (held until the job's attempt ends).
 -- KEYS: buried, buried:<queue>, buried_msg, qkeys, qk_pending
 -- ARGV: job id, queue key or ''
-local removed = redis.call('HDEL', KEYS[3], ARGV[1])
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-if ARGV[2] ~= '' and redis.call('HGET', KEYS[4], ARGV[2]) == ARGV[1] then
-  redis.call('ZREM', KEYS[5], ARGV[2])
+local removed = redis.call('HDEL', K.buried_msg, A.job)
+redis.call('ZREM', K.buried, A.job)
+redis.call('ZREM', K.buried_queue, A.job)
+if A.qkey ~= '' and redis.call('HGET', K.qkeys, A.qkey) == A.job then
+  redis.call('ZREM', K.qk_pending, A.qkey)
 end
 return removed

@@ -297,3 +297,40 @@ if os.environ.get("ROGER_TEST_BEAT_RUN"):
             "options": json.loads(os.environ.get("ROGER_TEST_BEAT_OPTIONS", "{}")),
         },
     }
+
+
+# -- tests/test_trust.py: BaseExceptions raised by jobs ----------------------------------
+
+
+class Abort(BaseException):
+    """A BaseException that is not an Exception (as some libraries raise)."""
+
+
+def interrupt(run, name, how):
+    """Raise a BaseException on the first N attempts (every attempt without N), then
+    succeed: ``cancelledN`` raises asyncio's CancelledError, ``abortN`` raises Abort."""
+    import asyncio
+
+    n = timeline.incr(f"attempts:{run}:{name}")
+    record(run, "attempt", name=name, n=n)
+    kind = how.rstrip("0123456789")
+    if how == kind or n <= int(how[len(kind):]):
+        raise asyncio.CancelledError(f"cancelled {name}") if kind == "cancelled" \
+            else Abort(f"aborted {name}")
+    record(run, "done", name=name, n=n)
+    return name
+
+
+@app.task(base=RogerTask, retryable=True, retry_levels=[0.2],
+          queue_key=lambda run, name, *a, **kw: f"{run}:q:{name}",
+          execution_key=lambda run, name, *a, **kw: f"{run}:e")
+def interrupted(run, name, how="cancelled1", raise_in=None):
+    """Retryable, both keys: retried once after 0.2 s, then buried."""
+    return interrupt(run, name, how)
+
+
+@app.task(base=RogerTask, queue_key=lambda run, name, *a, **kw: f"{run}:q:{name}",
+          execution_key=lambda run, name, *a, **kw: f"{run}:e")
+def interrupted_final(run, name, how="abort", raise_in=None):
+    """Not retryable, both keys: any BaseException is final."""
+    return interrupt(run, name, how)

@@ -1,0 +1,154 @@
+"""Admission: the check a delivered roger job passes in the worker's main process
+before the pool gets it (``Consumer.on_task_request``). One Lua call either records the
+job as running (taking its execution key) or parks it in Redis and acks its message. Jobs
+are admitted in delivery order, so a key's parked line is FIFO."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from celery import Celery
+from celery.worker import state as worker_state
+from redis.exceptions import RedisError
+
+from . import events
+from .failure import refuse_wrong_partition
+from .job import Job, header_problem, is_roger_task, job_header, job_keys, small_arguments
+from .lifecycle import finish_job
+from .publish import capture
+from .queues import QueueControl
+from .runtime import runtime
+
+logger = logging.getLogger("celery_roger")
+
+
+class Admission:
+    """Wraps ``Consumer.on_task_request``: roger jobs pass admit before the pool."""
+
+    def __init__(self, consumer: Any, app: Celery, instance: str) -> None:
+        self.consumer = consumer
+        self.app = app
+        self.store = runtime(app).store
+        self.fuse = runtime(app).fuse
+        self.instance = instance
+        self.hostname = consumer.hostname
+        self.handle = consumer.on_task_request
+        self.admitted: dict[str, Any] = {}
+        self._retry_delay: dict[str, float] = {}
+        #: earlier attempts of redelivered jobs, whose worker died: reported by the lease
+        #: thread (callbacks never run in the event loop)
+        self.crashed: collections.deque[dict[str, Any]] = collections.deque()
+        #: (task, job) cancelled here, to report from the lease thread
+        self.cancel_reports: collections.deque[tuple[Any, Job, Any]] = collections.deque()
+        #: job ids that Celery's own revoke named, to cancel in roger state too
+        self.revoked_ids: collections.deque[str] = collections.deque()
+        #: set to have the healing thread report what this loop queued (healer.py)
+        self.wakeup = threading.Event()
+        self.queues = QueueControl(consumer, app)
+
+    def __call__(self, request: Any) -> Any:
+        if not is_roger_task(request.task):
+            return self.handle(request)
+        return self.admit(request)
+
+    def admit(self, request: Any) -> Any:
+        problem = header_problem(request.request_dict)
+        if problem is not None:
+            logger.warning("Job %s[%s]: its roger header is malformed (%s); it runs as if "
+                           "those parts were absent", request.name, request.id, problem)
+        # A job published in another roger partition fails here, its keys released there.
+        if refuse_wrong_partition(self.app, request, self.store.partition):
+            return self._drop(request)
+        ek, qk = job_keys(request.request_dict)
+        request._request_dict["roger_instance"] = self.instance
+        if not ek:
+            # Nothing to park it behind: it is admitted by its start check, in the job's
+            # own process, so this event loop makes no Redis call for it.
+            return self.handle(request)
+        queue = job_header(request.request_dict).get("q")
+        info = {
+            "job": request.id, "task": request.name, "instance": self.instance,
+            "worker": self.hostname, "pid": os.getpid(), "ek": ek, "qk": qk,
+            "queue": queue if isinstance(queue, str) and queue
+            else request.delivery_info.get("routing_key") or "",
+            "admitted_at": time.time(), **small_arguments(request.args, request.kwargs),
+        }
+        try:
+            admission = self.store.admit(
+                request.id, instance=self.instance, execution_key=ek, info=info,
+                message={**capture(request.message), **self.fuse.place(request.message)},
+            )
+        except RedisError as exc:
+            return self._admit_later(request, exc)
+        if admission.outcome == "nolease":
+            return self._admit_later(request, RuntimeError("this worker's lease has run out"))
+        return self._admitted(request, admission, ek, qk, info["queue"])
+
+    def _admitted(self, request: Any, admission: Any, ek: str, qk: str, queue: str) -> Any:
+        """Act on what admit.lua decided: run, drop a cancelled job, hold a job of a paused
+        queue, or leave the parked job in Redis."""
+        self._retry_delay.pop(request.id, None)
+        if admission.crashed is not None:
+            self.crashed.append(admission.crashed)
+        if admission.outcome == "run":
+            request.roger_watch.pool = self.consumer.pool
+            request.roger_watch.admitted = request._request_dict["roger_admitted"] = \
+                time.monotonic()
+            self.admitted[request.id] = request
+            return self.handle(request)
+        if admission.outcome == "cancelled":
+            logger.info("Dropped cancelled job %s[%s]", request.name, request.id)
+            finish_job(self.app, request.id, execution_key=ek, queue_key=qk)
+            if admission.position:
+                self.report_cancel(request.task, Job.from_request(request, started_at=0.0),
+                                   request._roger_context())
+            return self._drop(request)
+        if admission.outcome == "paused":
+            try:
+                self.store.hold(request.id, queue,
+                               {"kind": "message", "raw": capture(request.message)})
+                if ek:  # a promoted job hands its execution key on; it keeps its queue key
+                    finish_job(self.app, request.id, execution_key=ek, queue_key="")
+            except RedisError as exc:
+                return self._admit_later(request, exc)
+            logger.info("Held job %s[%s]: queue %r is paused", request.name, request.id,
+                        queue)
+            return self._drop(request)
+        logger.info(
+            "Parked job %s[%s]: execution key %r is held by %s (position %d)",
+            request.name, request.id, ek, admission.holder, admission.position,
+        )
+        events.send(self.app, "parked", request.id, execution_key=ek, holder=admission.holder,
+                    position=admission.position)
+        return self._drop(request)
+
+    def _drop(self, request: Any) -> None:
+        """The job is kept in Redis (or cancelled): ack its message, free its slot."""
+        worker_state.task_ready(request)
+        request.acknowledge()
+
+    def report_cancel(self, task: Any, job: Job, request: Any = None) -> None:
+        """Have the lease thread mark the job REVOKED and run on_cancel (not this loop)."""
+        self.cancel_reports.append((task, job, request))
+        self.wakeup.set()
+
+    def _admit_later(self, request: Any, exc: Exception) -> None:
+        """Redis is unreachable: keep the job (unacked) and try admitting it again."""
+        delay = min(self._retry_delay.get(request.id, 0.5) * 2, 10.0)
+        self._retry_delay[request.id] = delay
+        logger.error(
+            "Cannot admit job %s[%s] (%s); trying again in %.0fs",
+            request.name, request.id, exc, delay,
+        )
+        self.consumer.timer.call_after(delay, self.admit, (request,))
+
+    def forget_done(self) -> None:
+        reserved = worker_state.reserved_requests
+        for job_id, request in list(self.admitted.items()):
+            if request not in reserved:
+                del self.admitted[job_id]

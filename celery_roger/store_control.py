@@ -1,0 +1,130 @@
+"""Roger's Redis layer: cancellation, pause and resume, and the operator's actions on
+keys and parked jobs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from .records import compact, dumps, text
+from .store_base import StoreBase
+
+
+class ControlStore(StoreBase):
+    """Cancel, pause, hold, resume; keys and parked jobs as an operator sees them."""
+
+    def start(
+        self,
+        job_id: str,
+        queue: str,
+        info: dict[str, Any] | None = None,
+        instance: str = "",
+        queue_key: str = "",
+    ) -> tuple[str, bool, dict[str, Any] | None]:
+        """The check right before a job's body runs, and the admission of a job without
+        an execution key (``info``): (outcome, report its cancel, crashed earlier attempt).
+        """
+        reply = self._run(
+            "start",
+            dict(
+                job=job_id,
+                queue=queue,
+                info=compact(info) if info else "",
+                instance=instance,
+                qkey=queue_key,
+            ),
+        )
+        outcome = text(reply[0])
+        if outcome == "cancelled":
+            return outcome, bool(int(reply[1])), None
+        crashed = self.decode(reply[1], self.k_running, job_id) if len(reply) > 1 else None
+        return outcome, False, crashed
+
+    def claim_cancel(self, job_id: str) -> bool:
+        """Remember ``job_id`` as cancelled; true for the one caller that reports it."""
+        return bool(self._run("claim_cancel", dict(job=job_id, ttl_ms=self.cancel_ttl_ms)))
+
+    def cancel(self, job_id: str) -> tuple[dict[str, Any] | None, str]:
+        """Cancel: (its running record or None, where it waited in Redis or '')."""
+        running, where = self._run(
+            "cancel", dict(job=job_id, ttl_ms=self.cancel_ttl_ms, prefix=self.prefix)
+        )
+        return (self.decode(running, self.k_running, job_id) if running else None), text(where)
+
+    def running_on(self, instance: str) -> dict[str, dict[str, Any]]:
+        """The attempts recorded as running under one worker instance."""
+        found = {}
+        for job_id, raw in self.redis.hgetall(self.k_running).items():
+            info = self.decode(raw, self.k_running, text(job_id))
+            if info is not None and info.get("instance") == instance:
+                found[text(job_id)] = info
+        return found
+
+    def is_cancelled(self, job_id: str) -> bool:
+        expiry = self.redis.zscore(self.k_cancelled, job_id)
+        return expiry is not None and expiry > self.redis_time_ms()
+
+    def pause(self, queue: str, reason: str | None) -> None:
+        self._run("pause", dict(queue=queue, reason=compact(reason)))
+
+    def paused(self) -> dict[str, dict[str, Any]]:
+        """Paused queues and their pause records. An unreadable record is quarantined and
+        replaced by one without a reason: the queue stays paused."""
+        found = {}
+        for raw_queue, raw in self.redis.hgetall(self.k_paused).items():
+            queue = text(raw_queue)
+            record = self.decode(raw, self.k_paused, queue)
+            if record is None:
+                record = {"at": None, "reason": None}
+                self.redis.hsetnx(self.k_paused, queue, compact(record))
+            found[queue] = record
+        return found
+
+    def hold(self, job_id: str, queue: str, stored: dict[str, Any]) -> None:
+        self._run(
+            "hold",
+            dict(job=job_id, stored=dumps({**stored, "queue": queue}), queue=queue),
+            keys={"held_queue": self.held_key(queue)},
+        )
+
+    def resume(self, queue: str, *, release_only: bool = False) -> int:
+        """Forget the pause of ``queue`` and make its held jobs due now; returns how many."""
+        return int(
+            self._run(
+                "resume",
+                dict(queue=queue, resume="0" if release_only else "1"),
+                keys={"held_queue": self.held_key(queue)},
+            )
+        )
+
+    def held_count(self, queue: str) -> int:
+        return int(self.redis.llen(self.held_key(queue)))
+
+    def drop_parked(
+        self, job_id: str, *, execution_key: str, queue_key: str = "", queue: str = ""
+    ) -> bool:
+        return bool(
+            self._run(
+                "drop_parked",
+                dict(job=job_id, qkey=queue_key, queue=queue),
+                keys={"parked": self.parked_key(execution_key)},
+            )
+        )
+
+    def parked_messages(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Every stored message of a parked or promoted job (HSCAN: operator use only)."""
+        for job_id, raw in self.redis.hscan_iter(self.k_msg, count=500):
+            message = self.decode(raw, self.k_msg, text(job_id))
+            if message is not None:
+                yield text(job_id), message
+
+    def queue_key_holder(self, queue_key: str) -> str | None:
+        holder = self.redis.hget(self.k_qkeys, queue_key)
+        return text(holder) if holder else None
+
+    def execution_key_holder(self, execution_key: str) -> str | None:
+        holder = self.redis.hget(self.k_holders, execution_key)
+        return text(holder) if holder else None
+
+    def parked_ids(self, execution_key: str) -> list[str]:
+        return [text(j) for j in self.redis.lrange(self.parked_key(execution_key), 0, -1)]

@@ -1,0 +1,236 @@
+"""Each Lua transition on its own against a real Redis (no worker): the ones test_lua.py
+does not cover. Each test uses a partition of its own."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from celery import Celery
+
+from celery_roger import Roger, store_reads
+from celery_roger.store import Store
+
+
+@pytest.fixture
+def store(redis_url: str) -> Store:
+    app = Celery("transition-tests", broker=redis_url, backend=redis_url)
+    app.conf.update(roger_redis_url=redis_url, roger_partition=f"tr-{uuid.uuid4().hex[:8]}",
+                    roger_lease_seconds=2, roger_buried_max=2)
+    store = Roger(app).store
+    store.grace_ms = 200  # under the setting's 1 s minimum, to keep these tests fast
+    return store
+
+
+def message(job: str, ek: str = "", queue: str = "q", qk: str = "") -> dict:
+    header = {"q": queue, "ek": ek, **({"qk": qk} if qk else {})}
+    return {"kind": "message", "body": "e30=", "content_type": "application/json",
+            "content_encoding": "utf-8", "headers": {"id": job, "roger": header},
+            "properties": {}, "exchange": "", "routing_key": queue}
+
+
+def entry(job: str, queue: str = "q", qk: str = "") -> dict:
+    return {"kind": "entry", "task": "t", "args": [], "kwargs": {},
+            "options": {"task_id": job, "headers": {"roger": {"q": queue, "qk": qk}}}}
+
+
+def admit(store: Store, job: str, ek: str, instance: str = "w1", qk: str = "") -> str:
+    info = {"job": job, "instance": instance, "queue": "q", "ek": ek, "qk": qk}
+    return store.admit(job, instance=instance, execution_key=ek, info=info,
+                       message=message(job, ek, qk=qk)).outcome
+
+
+# -- queue keys ---------------------------------------------------------------------------
+
+
+def test_take_confirm_release_a_queue_key(store):
+    assert store.take_queue_key("k", "j1") is None
+    assert store.take_queue_key("k", "j2") == "j1", "a second publish is refused"
+    assert store.confirm_queue_key("k", "j1")
+    assert not store.confirm_queue_key("k", "j2"), "only its holder confirms it"
+    assert store.release_queue_key("k", "j2") is None, "compare-and-delete"
+    assert store.release_queue_key("k", "j1") == "j1"
+    assert store.queue_key_holder("k") is None
+
+
+def test_an_unconfirmed_queue_key_is_freed_after_the_grace(store):
+    store.take_queue_key("k", "j1")
+    time.sleep(0.3)
+    assert store.tick().freed_queue_keys == ["k"]
+    assert store.queue_key_holder("k") is None
+
+
+# -- execution keys: park, finish, promote ---------------------------------------------------
+
+
+def test_parked_jobs_are_promoted_in_order_and_confirmed(store):
+    store.renew("w1", registered=False)
+    assert admit(store, "a", "e") == "run"
+    assert admit(store, "b", "e") == "parked" and admit(store, "c", "e") == "parked"
+    assert store.parked_ids("e") == ["b", "c"]
+    done = store.finish("a", execution_key="e", instance="w1")
+    assert done.was_running and done.promotion is not None and done.promotion.job_id == "b"
+    assert store.execution_key_holder("e") == "b", "the key is handed on, never free"
+    time.sleep(0.3)
+    assert [p.job_id for p in store.tick().republish] == ["b"], "unconfirmed: republished"
+    store.confirm_promoted("b")
+    assert admit(store, "b", "e") == "run", "the promoted job picks up its key"
+    assert store.parked_ids("e") == ["c"]
+
+
+def test_a_parked_kombu_payload_is_pushed_by_finish_to_the_head_of_its_list(store):
+    """Fused promotion: finish.lua pushes the parked job's kombu payload itself, where
+    BRPOP takes next; nothing to publish, nothing to confirm."""
+    lst = f"{store.prefix}test-broker-list"  # a broker list, in this partition's slot
+    store.redis.delete(lst)
+    store.redis.lpush(lst, "queued-after")
+    store.renew("w1", registered=False)
+    assert admit(store, "a", "e") == "run"
+    parked = {**message("b", "e"), "kombu_payload": '{"b": 1}', "kombu_list": lst}
+    info = {"job": "b", "instance": "w1", "queue": "q", "ek": "e", "qk": ""}
+    assert store.admit("b", instance="w1", execution_key="e", info=info,
+                       message=parked).outcome == "parked"
+    done = store.finish("a", execution_key="e", instance="w1")
+    assert done.promotion is not None and done.promotion.pushed
+    assert done.promotion.job_id == "b" and store.execution_key_holder("e") == "b"
+    assert store.redis.rpop(lst) == b'{"b": 1}', "the promoted job is the next one popped"
+    time.sleep(0.3)
+    assert store.tick().republish == [], "pushed: nothing to publish again"
+    assert admit(store, "b", "e") == "run"
+    store.redis.delete(lst)
+
+
+def test_drop_parked_takes_a_job_out_of_its_line(store):
+    store.renew("w1", registered=False)
+    admit(store, "a", "e")
+    admit(store, "b", "e")
+    store.take_queue_key("qb", "b")
+    assert store.drop_parked("b", execution_key="e", queue_key="qb", queue="q")
+    assert store.parked_ids("e") == [] and store.queue_key_holder("qb") is None
+
+
+# -- the start check -------------------------------------------------------------------------
+
+
+def test_start_records_a_keyless_job_and_refuses_a_cancelled_one(store):
+    store.renew("w1", registered=False)
+    info = {"job": "j", "instance": "w1", "queue": "q", "ek": "", "qk": ""}
+    assert store.start("j", "q", info, "w1")[0] == "run"
+    assert "j" in store.running_on("w1")
+    assert store.claim_cancel("k")
+    assert store.start("k", "q", None, "w1")[:2] == ("cancelled", False), "claimed already"
+
+
+def test_start_holds_a_job_of_a_paused_queue(store):
+    store.pause("q", "maintenance")
+    assert store.start("j", "q", None, "w1")[0] == "paused"
+    assert store.paused()["q"]["reason"] == "maintenance"
+
+
+# -- cancel ------------------------------------------------------------------------------------
+
+
+def test_cancel_takes_a_job_out_of_its_retry_and_reports_once(store):
+    assert store.schedule_retry("j", 60, entry("j"))
+    assert store.cancel("j") == (None, "retry")
+    assert store.retry_due_at("j") is None
+    assert store.is_cancelled("j")
+    assert not store.claim_cancel("j"), "on_cancel is claimed once"
+    assert not store.schedule_retry("j", 1, entry("j")), "a cancelled job is not retried"
+
+
+def test_cancel_a_parked_job(store):
+    store.renew("w1", registered=False)
+    admit(store, "a", "e")
+    store.take_queue_key("qb", "b")
+    admit(store, "b", "e", qk="qb")
+    assert store.cancel("b") == (None, "parked")
+    assert store.parked_ids("e") == []
+    assert store.queue_key_holder("qb") is None, "its queue key is released"
+    assert store.cancel("a")[0] is not None, "a running job: its record is returned"
+
+
+# -- retries ------------------------------------------------------------------------------------
+
+
+def test_a_due_retry_is_taken_once_until_confirmed(store):
+    store.schedule_retry("j", 0, entry("j"))
+    (due,) = store.take_due()
+    assert due.job_id == "j" and due.entry["task"] == "t"
+    assert store.take_due() == [], "taken: no other tick takes it before the grace"
+    store.confirm_retries([due])
+    assert store.retry_due_at("j") is None
+
+
+def test_an_unconfirmed_retry_is_taken_again_after_the_grace(store):
+    store.schedule_retry("j", 0, entry("j"))
+    store.take_due()
+    time.sleep(0.3)
+    assert [d.job_id for d in store.take_due()] == ["j"]
+
+
+# -- pause, hold, resume --------------------------------------------------------------------
+
+
+def test_held_jobs_are_due_on_resume_in_order(store):
+    store.pause("q", None)
+    store.hold("j1", "q", {"kind": "message", "raw": message("j1")})
+    store.hold("j2", "q", entry("j2"))
+    assert store.held_count("q") == 2
+    assert store.resume("q") == 2
+    assert "q" not in store.paused()
+    assert [d.job_id for d in store.take_due()] == ["j1", "j2"]
+
+
+def test_release_only_keeps_held_jobs_of_a_queue_still_paused(store):
+    store.pause("q", None)
+    store.hold("j1", "q", entry("j1"))
+    assert store.resume("q", release_only=True) == 0
+    assert store.held_count("q") == 1
+
+
+# -- the buried queue ------------------------------------------------------------------------
+
+
+def buried(job: str, qk: str = "") -> dict:
+    return {"kind": "buried", "id": job, "task": "t", "queue": "q", "queue_key": qk,
+            "error": "boom", "publish": entry(job, qk=qk)}
+
+
+def test_bury_keeps_the_newest_up_to_the_cap(store):
+    for job in ("a", "b", "c"):
+        store.bury(job, "q", buried(job))
+    assert store.buried_ids("q") == ["c", "b"]
+    assert store_reads.buried_dropped(store) == {"q": 1}
+    assert store.buried_queues() == ["q"]
+
+
+def test_requeue_takes_the_queue_key_or_says_who_has_it(store):
+    store.bury("a", "q", buried("a", qk="k"))
+    store.take_queue_key("k", "other")
+    assert store.requeue_take("a") == ("taken", "other")
+    store.release_queue_key("k")
+    outcome, taken = store.requeue_take("a")
+    assert outcome == "ok" and taken["publish"]["task"] == "t"
+    assert store.queue_key_holder("k") == "a"
+    assert store.unbury("a", "q", "k")
+    assert store.buried_ids("q") == []
+    assert store.requeue_take("a") == ("missing", None)
+
+
+def test_purge_buried(store):
+    store.bury("a", "q", buried("a"))
+    assert store.purge_buried("q") == 1
+    assert store.buried_ids("q") == [] and store.buried_queues() == []
+
+
+# -- healing ---------------------------------------------------------------------------------
+
+
+def test_a_dead_workers_attempt_is_returned_by_the_tick(store):
+    store.renew("dead", registered=False)
+    admit(store, "a", "e", instance="dead")
+    store.redis.zadd(store.k_workers, {"dead": 0})  # its lease ran out
+    (orphan,) = store.tick().orphans
+    assert orphan["job"] == "a" and orphan["instance"] == "dead"
