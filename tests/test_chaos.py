@@ -91,6 +91,8 @@ APPS = Path(__file__).parent / "apps"
 ALL_FAULTS = ("kill", "stop", "broker", "restart", "callbacks", "poison")
 ALL_POISONS = ("cancel_reports", "paused", "parked", "running")
 ALL_CALLBACKS = ("slow", "raise", "exit")
+#: What redis-py raises while a Redis is down or still loading its data after a restart.
+REDIS_DOWN_ERRORS = ("ConnectionError", "TimeoutError", "BusyLoadingError")
 LEASE = 4.0
 VISIBILITY = 8.0
 WORKERS = 3
@@ -1083,12 +1085,13 @@ def check(soak: Soak, timeline: list[dict[str, Any]], results: dict[str, dict[st
                                        for e in callbacks_of.get(job_id, [])],
                          "log": log_hints(worker_logs, job_id) if len(lost) < 20 else []})
             continue
-        if state == "FAILURE" and error in ("ConnectionError", "TimeoutError") and ran \
+        if state == "FAILURE" and error in REDIS_DOWN_ERRORS and ran \
                 and ran[-1].outcome == "ok" and ran[-1].end is not None and any(
                     f["t0"] - 1 <= ran[-1].end <= f["t1"] + 21 for f in restarts):
             # Its body succeeded while the results' Redis restarted: Celery could not store
             # SUCCESS and stored its own error instead ("Exception raised outside body",
-            # trace.py). Celery's, not roger's: roger released its keys (reconcile).
+            # trace.py). Celery's, not roger's: roger released its keys (reconcile). The
+            # soak's app sets result_backend_always_retry, which makes this rare.
             not_stored.append({"job": job_id, "last_outcome": "ok-stored-as-" + error,
                                "natural": job.natural, "attempts": len(ran),
                                "at": round(ran[-1].end - soak.t0, 2)})

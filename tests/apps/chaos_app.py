@@ -66,6 +66,10 @@ app.conf.update(
     broker_transport_options={"visibility_timeout": VISIBILITY,
                               "unacked_restore_interval": 1, "unacked_restore_throttle": 1},
     result_expires=3600,
+    # The soak restarts the Redis that holds the results. Celery's result store reads the
+    # stored state before writing it, outside its own retry; without this a job that
+    # succeeded while the Redis was loading is stored as FAILURE(BusyLoadingError).
+    result_backend_always_retry=True,
 )
 
 timeline = redis.Redis.from_url(TIMELINE)
