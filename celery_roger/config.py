@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
+from celery.utils.text import match_case
 
 from .errors import ConfigurationError
+from .keys import ON_DUPLICATE
 
 DEFAULT_RETRY_LEVELS = (1, 3, 5, 10, 20, 35, 60, 100, 200, 400, 1000, 1800)
 
@@ -26,6 +29,44 @@ def _lookup(app: Celery, name: str) -> Any:
         if value is not _MISSING:
             return value
     return _MISSING
+
+
+def setting_name(app: Celery, name: str) -> str:
+    """A ``roger_*`` setting's name as the user wrote it: the key its value is read from
+    (``CELERY_ROGER_RETRY_LEVELS`` from Django's settings with ``namespace="CELERY"``), else
+    the name the app's namespace asks for."""
+    _lookup(app, name)  # loads the configuration: its prefix is known from then on
+    conf = app.conf
+    prefix = getattr(conf, "prefix", None) or (f"{app.namespace}_" if app.namespace else "")
+    candidates = []
+    for key in (name, name.upper(), "CELERY_" + name.upper()):
+        if prefix:  # as Celery's ConfigurationView looks a key up under a namespace
+            candidates.append(key if key.startswith(prefix) else match_case(prefix + key,
+                                                                            prefix))
+        candidates.append(key)
+    maps = getattr(conf, "maps", None) or [conf]
+    found = next((key for key in candidates if any(key in m for m in maps)), None)
+    return found or candidates[0]
+
+
+def _written(app: Celery, message: str) -> str:
+    """A settings error's message with the setting it starts with named as written."""
+    return _LEADING_NAME.sub(lambda m: (m[1] or "") + setting_name(app, m[2]), message, count=1)
+
+
+_LEADING_NAME = re.compile(r"^(setting )?(roger_[a-z0-9_]+)")
+
+
+@contextlib.contextmanager
+def as_written(app: Celery) -> Iterator[None]:
+    """A ``ConfigurationError`` raised in this block names its setting as the user wrote
+    it (``roger_retry_levels`` becomes ``CELERY_ROGER_RETRY_LEVELS`` under Django)."""
+    try:
+        yield
+    except ConfigurationError as exc:
+        if exc.args and isinstance(exc.args[0], str):
+            exc.args = (_written(app, exc.args[0]), *exc.args[1:])
+        raise
 
 
 def _number(name: str, value: Any, *, minimum: float, integer: bool = False) -> float:
@@ -55,9 +96,17 @@ class Settings:
     dashboard_allowed_hosts: tuple[str, ...] | None = None
     #: Publish with a queue key in one script on a Redis broker that is roger's database.
     fused_publish: bool = True
+    #: What a publish whose queue key is held does when neither the call nor the task says.
+    on_duplicate: str = "raise"
 
     @classmethod
     def from_app(cls, app: Celery) -> Settings:
+        """The app's settings; an error names the setting as the user wrote it."""
+        with as_written(app):
+            return cls._read(app)
+
+    @classmethod
+    def _read(cls, app: Celery) -> Settings:
         def get(name: str, default: Any) -> Any:
             value = _lookup(app, name)
             return default if value is _MISSING or value is None else value
@@ -98,12 +147,20 @@ class Settings:
             dashboard_allowed_hosts=dashboard_allowed_hosts(
                 get("roger_dashboard_allowed_hosts", None)),
             fused_publish=_flag("roger_fused_publish", get("roger_fused_publish", True)),
+            on_duplicate=_choice("roger_on_duplicate", get("roger_on_duplicate", "raise"),
+                                 ON_DUPLICATE),
         )
 
 
 def _flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ConfigurationError(f"setting {name} must be True or False, got {value!r}")
+    return value
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices or not isinstance(value, str):
+        raise ConfigurationError(f"setting {name} must be one of {choices}, got {value!r}")
     return value
 
 

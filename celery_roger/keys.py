@@ -1,17 +1,174 @@
-"""Resolving and validating queue keys and execution keys."""
+"""Resolving and validating queue keys and execution keys.
+
+A key spec (a task option, or a per-call ``queue_key=`` / ``execution_key=``) is:
+
+* ``None`` or ``False``: no key; a ``str``: that key; a callable: ``fn(*args, **kwargs)``
+  returns the key (a ``str`` or None);
+* ``True``: the task's name and all its arguments (``keys.args()`` of every parameter);
+* ``keys.args("a", "b")``: the task's name and the arguments named.
+
+``True`` and ``keys.args`` bind the call's arguments through the signature of the task's
+``run`` (defaults applied, a bound task's ``self`` left out), so ``f(1, 2)``,
+``f(1, b=2)`` and ``f(a=1, b=2)`` give one key: ``<task name>:<JSON object>``, the
+arguments in signature order, each value as canonical JSON (dict keys sorted, no spaces).
+A key over :data:`MAX_KEY_BYTES` is ``<task name>:blake2b:<40 hex digits>`` of that form.
+A value JSON cannot encode is an error naming the task and the argument (never ``repr``:
+it is not stable across processes for most objects).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+import inspect
+import json
+from collections.abc import Callable
+from typing import Any, Literal
 
 MAX_KEY_BYTES = 1024
 
 KINDS = ("queue_key", "execution_key")
 
+#: What publishing a job whose queue key is held does (task option, per call, setting).
+ON_DUPLICATE = ("raise", "existing")
+OnDuplicate = Literal["raise", "existing"]
 
-def compute(spec: Any, args: tuple, kwargs: dict) -> Any:
-    """The key a task option or per-call value ``spec`` gives a job with these arguments."""
-    return spec(*args, **kwargs) if callable(spec) else spec
+
+class Arguments:
+    """A key built from the task's name and the arguments named (all of them for None);
+    made by :func:`args` (or ``True``)."""
+
+    __slots__ = ("names",)
+
+    def __init__(self, names: tuple[str, ...] | None) -> None:
+        self.names = names
+
+    def __repr__(self) -> str:
+        return "True" if self.names is None else f"keys.args{self.names!r}"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Arguments) and other.names == self.names
+
+    def __hash__(self) -> int:
+        return hash(self.names)
+
+
+#: A key spec as a type checker sees it.
+KeySpec = str | bool | None | Callable[..., str | None] | Arguments
+
+
+def args(*names: str) -> Arguments:
+    """A key of the task's name and these arguments, bound by the task's signature:
+    ``queue_key=keys.args("account_id", "region")``. With no names: the task's name
+    alone (one job of the task at a time, whatever its arguments)."""
+    for name in names:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise TypeError(f"keys.args() takes argument names, got {name!r}")
+    return Arguments(tuple(dict.fromkeys(names)))
+
+
+_ALL = Arguments(None)
+
+
+def compute(spec: Any, args: tuple, kwargs: dict, task: Any = None,
+            kind: str = "key") -> Any:
+    """The key a task option or per-call value ``spec`` gives a job with these arguments
+    (``task``: the task, for ``True`` and ``keys.args``)."""
+    if callable(spec):
+        return spec(*args, **kwargs)
+    if spec is True or isinstance(spec, Arguments):
+        return from_arguments(task, spec, args, kwargs, kind)
+    return None if spec is False else spec
+
+
+def run_signature(cls: type) -> inspect.Signature | None:
+    """The signature a job of task class ``cls`` is called with (its ``run`` without a
+    bound ``self``), cached on the class; None if ``cls`` has no ``run`` of its own kind."""
+    cached = cls.__dict__.get("_roger_run_signature")
+    if cached is not None:
+        return cached
+    raw = inspect.getattr_static(cls, "run", None)
+    if raw is None:
+        return None
+    if isinstance(raw, staticmethod):
+        signature = inspect.signature(raw.__func__)
+    elif isinstance(raw, classmethod):
+        signature = inspect.signature(raw.__get__(None, cls))
+    else:
+        signature = inspect.signature(raw)
+        params = list(signature.parameters.values())
+        if inspect.isfunction(raw) and params and params[0].kind in (
+                params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
+            signature = signature.replace(parameters=params[1:])  # the task itself
+    setattr(cls, "_roger_run_signature", signature)  # noqa: B010 (not on every Task)
+    return signature
+
+
+def check_names(label: str, kind: str, spec: Any, signature: inspect.Signature) -> None:
+    """A ``keys.args`` name that ``signature`` lacks is a TypeError naming both."""
+    if isinstance(spec, Arguments) and spec.names:
+        for name in spec.names:
+            if name not in signature.parameters:
+                raise TypeError(
+                    f"{label}: {kind}=keys.args(...) names argument {name!r}, which is not "
+                    f"in the task's signature {signature}"
+                )
+
+
+def check_declaration(cls: type, label: str, has_run: bool) -> None:
+    """At task declaration: the ``keys.args`` names of ``cls``'s key options are in its
+    ``run``'s signature (``has_run``: ``cls`` has a ``run`` of its own, not Celery's)."""
+    for kind in KINDS:
+        spec = getattr(cls, kind, None)
+        if has_run and (spec is True or isinstance(spec, Arguments)):
+            signature = run_signature(cls)
+            if signature is not None:
+                check_names(label, kind, spec, signature)
+
+
+def from_arguments(task: Any, spec: Any, args: tuple, kwargs: dict,
+                   kind: str = "key") -> str:
+    """``<task name>:<canonical JSON of the chosen arguments>`` (hashed when too long)."""
+    name = task.name
+    signature = run_signature(type(task))
+    if signature is None:
+        raise TypeError(f"{name}: {kind} from arguments needs the task's run function")
+    chosen = _ALL if spec is True else spec
+    check_names(name, kind, chosen, signature)
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise TypeError(f"{name}: the arguments do not fit the task's signature "
+                        f"{signature}, so no {kind} can be built from them: {exc}") from None
+    bound.apply_defaults()
+    values = bound.arguments
+    names = [p for p, param in signature.parameters.items() if p in chosen.names] \
+        if chosen.names is not None else [
+            p for p, param in signature.parameters.items()  # an empty *args/**kw left out
+            if values[p] or param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)]
+    body = ",".join(f"{json.dumps(p)}:{canonical(name, p, values[p])}" for p in names)
+    key = f"{name}:{{{body}}}"
+    data = key.encode("utf-8", errors="surrogatepass")
+    if len(data) <= MAX_KEY_BYTES:
+        return key
+    return f"{name}:blake2b:{hashlib.blake2b(data, digest_size=20).hexdigest()}"
+
+
+def canonical(task_name: str, argument: str, value: Any) -> str:
+    """``value`` as canonical JSON; a value JSON cannot encode is a TypeError naming the
+    task and the argument."""
+    try:
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"{task_name}: argument {argument!r} ({type(value).__name__}) cannot be part of a "
+            f"key built from arguments: its value is not JSON ({exc}); leave it out with "
+            f"keys.args(...) or write the key as a callable"
+        ) from None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: keep them escaped, the key stays UTF-8
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return text
 
 
 def validate(task_name: str, kind: str, value: Any) -> str | None:

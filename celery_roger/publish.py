@@ -26,14 +26,13 @@ from . import canvas, events
 from .errors import DuplicateJob
 from .fuse import FusedPublish, Refused, fusing
 from .job import HEADER, is_roger_task
-from .keys import validate
+from .keys import ON_DUPLICATE, KeySpec, OnDuplicate, validate
 from .kombu_guard import Delivery, after_flush, delivery
 from .runtime import runtime
 
 logger = logging.getLogger("celery_roger")
 
 UNSET: Any = type("Unset", (), {"__repr__": lambda self: "UNSET"})()
-ON_DUPLICATE = ("raise", "existing")
 
 #: The job id roger itself is publishing again in this thread (or task), if any: Celery's
 #: retry of a running job (``RogerTask.retry``), a stored retry or a requeue
@@ -43,10 +42,28 @@ ON_DUPLICATE = ("raise", "existing")
 _REPUBLISHING: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "celery_roger_republishing", default=None)
 
+#: The job id whose queue key its caller has taken already, pending, for it (a Django
+#: ``apply_async_on_commit``, celery_roger/django.py): its publish takes the long road,
+#: whose take finds the key held by the same job and takes it again, then confirms it (the
+#: fused script would see a "replay" and push nothing).
+_KEY_TAKEN: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "celery_roger_key_taken", default=None)
+
 #: Celery 5.7+ applies a registered task's own options (``expires`` among them) to a
 #: publish by name that omits them (its ``send_task`` tells an omitted option from None).
 _SEND_TASK_APPLIES_TASK_OPTIONS = \
     inspect.signature(Celery.send_task).parameters["expires"].default is not None
+
+
+@contextlib.contextmanager
+def key_taken(job_id: str) -> Iterator[None]:
+    """Within this block, a publish of ``job_id`` whose queue key it took before (pending)
+    takes the long road: take the key again (same job: allowed), send, confirm."""
+    token = _KEY_TAKEN.set(job_id)
+    try:
+        yield
+    finally:
+        _KEY_TAKEN.reset(token)
 
 
 @contextlib.contextmanager
@@ -64,9 +81,9 @@ def roger_send_task(app: Celery, send: Callable) -> Callable:
     """``app.send_task`` that also takes ``queue_key``, ``execution_key``, ``on_duplicate``."""
 
     @functools.wraps(send)
-    def send_task(name: str, args: Any = None, kwargs: Any = None, *, queue_key: Any = UNSET,
-                  execution_key: Any = UNSET, on_duplicate: str | None = None,
-                  **options: Any) -> Any:
+    def send_task(name: str, args: Any = None, kwargs: Any = None, *,
+                  queue_key: KeySpec = UNSET, execution_key: KeySpec = UNSET,
+                  on_duplicate: OnDuplicate | None = None, **options: Any) -> Any:
         return publish(app, send, name, args, kwargs, options, queue_key=queue_key,
                        execution_key=execution_key, on_duplicate=on_duplicate)
 
@@ -97,7 +114,7 @@ def publish(app: Celery, send: Callable, name: str, args: Any, kwargs: Any,
         )
         if queue_key is None and execution_key is None:
             return send(name, args, kwargs, **options)
-    on_duplicate = on_duplicate or "raise"
+    on_duplicate = on_duplicate or runtime(app).settings.on_duplicate
     if on_duplicate not in ON_DUPLICATE:
         raise ValueError(
             f"{name}: on_duplicate must be one of {ON_DUPLICATE}, got {on_duplicate!r}"
@@ -116,7 +133,7 @@ def publish(app: Celery, send: Callable, name: str, args: Any, kwargs: Any,
     options["headers"] = {**headers, HEADER: job}
     if queue_key is None:
         return send(name, args, kwargs, **options)
-    if runtime(app).fuse.usable:
+    if runtime(app).fuse.usable and _KEY_TAKEN.get() != task_id:
         return _send_fused(app, send, task, name, args, kwargs, options, queue_key, expires,
                            on_duplicate)
     holder = runtime(app).store.take_queue_key(queue_key, task_id)
@@ -149,7 +166,9 @@ def _duplicate(app: Celery, task: Any, name: str, args: Any, kwargs: Any,
                options: dict[str, Any], queue_key: str, holder: str,
                on_duplicate: str) -> Any:
     """The queue key is taken by ``holder``: refuse this publish the way the caller asked."""
-    events.send(app, "deduplicated", holder, queue_key=queue_key, refused_task=name)
+    # A step of the refused publish (its own id), never a state of the holder.
+    events.step(app, "deduplicated", options["task_id"], holder=holder, queue_key=queue_key,
+                name=name)
     if canvas.in_canvas(options):
         # Dependents wait on this job's own id: it is refused as a failure (canvas.py).
         return canvas.refuse(app, task, name, args, kwargs, options,

@@ -15,9 +15,17 @@ from celery.exceptions import Ignore, Reject, Retry
 from redis.exceptions import RedisError
 
 from . import events, keys
+from .compose import RogerTaskType
 from .config import retry_levels
 from .errors import ConfigurationError, JobAborted, JobTimeout
-from .failure import Decision, describe, format_traceback, publish_entry, record
+from .failure import (
+    Decision,
+    describe,
+    format_traceback,
+    mark_buried,
+    publish_entry,
+    record,
+)
 from .install import install
 from .job import FRESH_ADMISSION_SECONDS, Job, job_keys, small_arguments
 from .lease import in_pool_process
@@ -57,20 +65,23 @@ class Attempt:
     paused: bool = False
 
 
-class RogerTask(Task):
+class RogerTask(Task, metaclass=RogerTaskType):
     """Base class for roger jobs: ``@app.task(base=RogerTask, queue_key=..., ...)``.
 
-    ``queue_key`` / ``execution_key``: None, a str, or a callable called with the job's
-    own arguments (``fn(*args, **kwargs)``) returning a str or None. Subclasses may
-    override ``get_queue_key`` / ``get_execution_key`` instead. ``apply_async`` takes
-    per-call ``queue_key=`` / ``execution_key=`` that win over the task's own.
+    ``queue_key`` / ``execution_key``: None, a str, a callable called with the job's
+    own arguments (``fn(*args, **kwargs)``) returning a str or None, ``True`` (the task's
+    name and all its arguments) or ``keys.args("a", ...)`` (the name and those arguments;
+    keys.py). Subclasses may override ``get_queue_key`` / ``get_execution_key`` instead.
+    ``apply_async`` takes per-call ``queue_key=`` / ``execution_key=`` / ``on_duplicate=``
+    that win over the task's own.
     """
 
     queue_key: ClassVar[Any] = None
     execution_key: ClassVar[Any] = None
     #: What publishing a job whose queue key is held does: "raise" DuplicateJob, or
     #: return the "existing" job's AsyncResult (use it for tasks sent by celery beat).
-    on_duplicate: ClassVar[str] = "raise"
+    #: None: the ``roger_on_duplicate`` setting ("raise" unless set).
+    on_duplicate: ClassVar[str | None] = None
     #: Retry on any failure (exception, timeout, crash) along ``retry_levels``.
     retryable: ClassVar[bool] = False
     #: Retry delays in seconds for this task; None = the ``roger_retry_levels`` setting.
@@ -91,6 +102,7 @@ class RogerTask(Task):
             if callable(spec) and not isinstance(spec, staticmethod):
                 setattr(cls, kind, staticmethod(spec))
         name = cls.__dict__.get("name") or cls.__name__
+        keys.check_declaration(cls, name, has_run=cls.run is not Task.run)
         if cls.__dict__.get("retry_levels") is not None:
             cls.retry_levels = retry_levels(f"{name}: retry_levels", cls.retry_levels)
         limit = cls.__dict__.get("max_execution_time")
@@ -203,7 +215,7 @@ class RogerTask(Task):
         callbacks = runtime(self.app).callbacks
         if attempt.cancelled:
             if attempt.report_cancel:
-                events.send(self.app, "cancelled", attempt.job.id)
+                events.revoked(self.app, attempt.job.id)
                 callbacks.emit(self, "on_cancel", attempt.job)
             return
         if attempt.paused:
@@ -239,6 +251,10 @@ class RogerTask(Task):
             raise Reject(raised or exc, requeue=True) from exc
         if attempt.decision.kind == "retry":
             raise Retry(exc=raised or exc, when=attempt.decision.delay) from exc
+        if attempt.decision.kind == "bury":
+            # The worker's request reads the mark (across the pool's pipe: an exception
+            # pickles its attributes) and reports the failure as "Buried: ...".
+            mark_buried(raised or exc)
         if attempt.decision.kind == "cancelled":
             self._roger_cancelled(attempt, request, runtime(self.app).store.claim_cancel(
                 request.id))
@@ -255,6 +271,7 @@ class RogerTask(Task):
         header = attempt.job.header(attempt.job.retry_count, store.partition)
         store.hold(request.id, attempt.job.queue, publish_entry(self, request, header))
         attempt.paused = True
+        events.step(self.app, "held", request.id, queue=attempt.job.queue)
         raise Ignore("queue paused")
 
     def retry(self, *args: Any, **kwargs: Any) -> Any:
@@ -267,31 +284,39 @@ class RogerTask(Task):
             return super().retry(*args, **kwargs)
 
     def get_queue_key(self, *args: Any, **kwargs: Any) -> str | None:
-        return keys.compute(self.queue_key, args, kwargs)
+        return keys.compute(self.queue_key, args, kwargs, self, "queue_key")
 
     def get_execution_key(self, *args: Any, **kwargs: Any) -> str | None:
-        return keys.compute(self.execution_key, args, kwargs)
+        return keys.compute(self.execution_key, args, kwargs, self, "execution_key")
 
     def roger_keys(self, args: tuple, kwargs: dict, *, queue_key: Any = UNSET,
                    execution_key: Any = UNSET) -> tuple[str | None, str | None]:
         """The (queue key, execution key) of a job with these arguments, validated."""
         qk = (self.get_queue_key(*args, **kwargs) if queue_key is UNSET
-              else keys.compute(queue_key, args, kwargs))
+              else keys.compute(queue_key, args, kwargs, self, "queue_key"))
         ek = (self.get_execution_key(*args, **kwargs) if execution_key is UNSET
-              else keys.compute(execution_key, args, kwargs))
+              else keys.compute(execution_key, args, kwargs, self, "execution_key"))
         return (keys.validate(self.name, "queue_key", qk),
                 keys.validate(self.name, "execution_key", ek))
 
     def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
                     producer: Any = None, link: Any = None, link_error: Any = None,
-                    shadow: str | None = None, **options: Any) -> Any:
+                    shadow: str | None = None, *, queue_key: keys.KeySpec = UNSET,
+                    execution_key: keys.KeySpec = UNSET,
+                    on_duplicate: keys.OnDuplicate | None = None, **options: Any) -> Any:
+        """Celery's ``apply_async``, with roger's per-call options (keyword-only, typed)."""
         app = self._get_app()
         if app.conf.task_always_eager:
             # Eager jobs run inline: keys are validated, but no roger state is touched.
             self.roger_keys(tuple(args or ()), dict(kwargs or {}),
-                            queue_key=options.pop("queue_key", UNSET),
-                            execution_key=options.pop("execution_key", UNSET))
-            options.pop("on_duplicate", None)
+                            queue_key=queue_key, execution_key=execution_key)
+        else:
+            if queue_key is not UNSET:
+                options["queue_key"] = queue_key
+            if execution_key is not UNSET:
+                options["execution_key"] = execution_key
+            if on_duplicate is not None:
+                options["on_duplicate"] = on_duplicate
         return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow,
                                    **options)
 
