@@ -13,7 +13,7 @@ from celery import Celery, bootsteps, signals
 from redis.exceptions import AuthenticationError, RedisError
 
 from .admission import Admission
-from .config import redact_url
+from .config import redact_url, setting_name
 from .errors import ConfigurationError, OlderWorkersRunning
 from .healer import Healer, new_instance
 from .job import job_keys
@@ -36,8 +36,8 @@ def _check_credentials(app: Celery) -> None:
         store.redis.ping()
     except AuthenticationError as exc:
         raise ConfigurationError(
-            f"setting roger_redis_url: Redis at {redact_url(store.settings.redis_url)} "
-            f"refused the credentials: {exc}"
+            f"setting {setting_name(app, 'roger_redis_url')}: Redis at "
+            f"{redact_url(store.settings.redis_url)} refused the credentials: {exc}"
         ) from exc
     except RedisError:
         pass

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 
 from .callbacks import Callbacks, resolve
-from .config import Settings
+from .config import Settings, as_written
 from .fuse import Fuse
 from .store import Store
 
@@ -59,7 +59,9 @@ class Runtime:
     def callbacks(self) -> Callbacks:
         """The ``roger_callbacks`` objects, imported on first use."""
         if self._callbacks is None:
-            self._callbacks = Callbacks(self.settings.partition, resolve(self.settings.callbacks))
+            with as_written(self.app):
+                objects = resolve(self.settings.callbacks)
+            self._callbacks = Callbacks(self.settings.partition, objects)
         return self._callbacks
 
 
