@@ -12,7 +12,7 @@ from celery import Celery
 from . import events, inspect, store_reads
 from .failure import send_entry
 from .install import install
-from .job import FRESH_ADMISSION_SECONDS, HEADER, BuriedJob, job_header, job_keys
+from .job import FRESH_ADMISSION_SECONDS, HEADER, BuriedJob, job_keys
 from .lifecycle import finish_job, hand_off, publish_due
 from .runtime import runtime
 from .store import preview
@@ -52,22 +52,19 @@ class Roger:
             hand_off(self.app, promotion)
         return holder
 
-    def purge_queue(self, queue: str) -> int:
-        """Remove every waiting job of ``queue``, in the broker and parked; returns how many.
+    def purge(self, queue: str) -> dict[str, int]:
+        """Purge ``queue`` through roger; returns how many jobs were removed from each
+        place: ``{"broker", "parked", "held", "retrying"}``.
 
-        The queue keys (and handed-over execution keys) of the removed jobs are released.
-        Running jobs are not touched.
+        Removed: the queue's messages in the broker (one by one, so the keys of each are
+        known), and the jobs roger keeps for it: parked behind an execution key, held
+        while it is paused, waiting for a retry. Their queue keys are released, and an
+        execution key handed to a removed promoted job goes to the next in line. Running
+        and buried jobs are not touched; removed jobs never run and stay ``PENDING``.
         """
         _check_queue(queue)
-        removed = 0
-        parked = store_reads.parked_messages(self.store)
-        for job_id, message in parked:
-            headers = message.get("headers")
-            if job_header(headers).get("q") != queue:
-                continue
-            ek, qk = job_keys(headers)
-            if self.store.drop_parked(job_id, execution_key=ek, queue_key=qk, queue=queue):
-                removed += 1
+        counts = self.store.purge_queue(queue)
+        broker = 0
         with self.app.connection_for_write() as conn:
             # A channel of its own: on RabbitMQ, asking for a queue that does not exist
             # closes the channel that asked.
@@ -76,9 +73,9 @@ class Roger:
                 try:
                     channel.queue_declare(queue=queue, passive=True)
                 except conn.channel_errors:
-                    return removed  # the broker has no such queue: nothing waits there
+                    return {"broker": 0, **counts}  # the broker has no such queue
                 while (message := channel.basic_get(queue, no_ack=True)) is not None:
-                    removed += 1
+                    broker += 1
                     headers = message.headers or {}
                     ek, qk = job_keys(headers)
                     if headers.get("id") and (ek or qk):
@@ -87,7 +84,11 @@ class Roger:
             finally:
                 with contextlib.suppress(Exception):
                     channel.close()
-        return removed
+        return {"broker": broker, **counts}
+
+    def purge_queue(self, queue: str) -> int:
+        """``purge(queue)``, as one number: how many jobs were removed."""
+        return sum(self.purge(queue).values())
 
     # -- cancellation ----------------------------------------------------------------------
 
@@ -237,7 +238,7 @@ class Roger:
         queue = value.get("queue")
         self.store.unbury(job_id, queue if isinstance(queue, str) else "", queue_key)
         logger.info("Requeued buried job %s[%s]", publish["task"], job_id)
-        events.send(self.app, "requeued", job_id)
+        events.step(self.app, "requeued", job_id, queue=queue if isinstance(queue, str) else "")
         return True
 
     def purge_buried(self, queue: str | None = None) -> int:

@@ -18,6 +18,7 @@ import click
 from redis.exceptions import RedisError
 
 from .api import Roger
+from .cli_actions import cancel_line, confirm, purged_line, refuse_together, yes_option
 from .config import redact_url
 from .errors import RogerError
 
@@ -89,7 +90,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON."
 
 @click.group(name="roger")
 def roger() -> None:
-    """Roger state: queues, keys, jobs, the buried queue; pause, cancel, requeue."""
+    """Roger state: queues, keys, jobs, the buried queue; pause, cancel, requeue, purge."""
 
 
 @roger.command()
@@ -157,11 +158,15 @@ def resume(ctx: click.Context, queue: str) -> None:
 @click.pass_context
 @_guard
 def cancel(ctx: click.Context, job_ids: tuple[str, ...]) -> None:
-    """Cancel jobs: they never run (again); running ones are stopped."""
+    """Cancel jobs: they never run (again); running ones are stopped.
+
+    Says where each was, or that it had finished, or that roger does not know it (its
+    cancellation is stored anyway: a job without keys may still be in the broker)."""
+    if not all(job_ids):
+        raise click.BadParameter("a job id cannot be empty", param_hint="JOB_IDS")
     r = _roger(ctx)
     for job_id in job_ids:
-        where = r.cancel(job_id)
-        click.echo(f"cancelled {job_id}" + (f" ({where})" if where else ""))
+        click.echo(cancel_line(r, job_id))
 
 
 @roger.command()
@@ -177,6 +182,7 @@ def cancel(ctx: click.Context, job_ids: tuple[str, ...]) -> None:
 def keys(ctx: click.Context, kind: str | None, prefix: str | None, limit: int,
          release: str | None, as_json: bool) -> None:
     """Held keys, or release one."""
+    refuse_together(ctx, "release", "prefix", "limit", "as_json")
     r = _roger(ctx)
     if release is not None:
         holder = r.release_key(kind or "queue", release)
@@ -241,6 +247,7 @@ def buried(ctx: click.Context, queue: str | None, limit: int, offset: int,
 @_guard
 def requeue(ctx: click.Context, job_id: str | None, queue: str | None, all_: bool) -> None:
     """Publish buried jobs again (same id, retry count 0)."""
+    refuse_together(ctx, "job_id", "all_", "queue")
     if job_id is None and not (queue and all_):
         raise click.UsageError("give a JOB_ID, or --queue QUEUE --all")
     r = _roger(ctx)
@@ -292,11 +299,36 @@ def _line(value: Any, limit: int = 80) -> str | None:
 
 @roger.command(name="purge-buried")
 @click.argument("queue", required=False)
+@yes_option
 @click.pass_context
 @_guard
-def purge_buried(ctx: click.Context, queue: str | None) -> None:
-    """Delete buried jobs (of QUEUE, or of every queue)."""
-    click.echo(f"purged {_roger(ctx).purge_buried(queue)}")
+def purge_buried(ctx: click.Context, queue: str | None, yes: bool) -> None:
+    """Delete buried jobs (of QUEUE, or of every queue: asks first, unless --yes)."""
+    r = _roger(ctx)
+    if queue is None:
+        confirm("Delete the buried jobs of every queue?", yes)
+    click.echo(f"purged {r.purge_buried(queue)}")
+
+
+@roger.command()
+@click.argument("queue")
+@yes_option
+@json_option
+@click.pass_context
+@_guard
+def purge(ctx: click.Context, queue: str, yes: bool, as_json: bool) -> None:
+    """Delete every job waiting for QUEUE (asks first, unless --yes).
+
+    The broker's messages of QUEUE, and the jobs roger keeps for it (parked behind an
+    execution key, held while it is paused, waiting retries); their keys are released.
+    Running and buried jobs are not touched."""
+    r = _roger(ctx)
+    if not queue:
+        raise click.BadParameter("a queue name cannot be empty", param_hint="QUEUE")
+    confirm(f"Delete every job waiting for queue {queue!r} (in the broker, parked, held, "
+            "waiting retries)?", yes)
+    counts = r.purge(queue)
+    _emit(counts, as_json, lambda: purged_line(queue, counts))
 
 
 @roger.command()
@@ -307,10 +339,12 @@ def purge_buried(ctx: click.Context, queue: str | None) -> None:
               help="A Host header to answer (repeatable; '*' for any; or "
                    "roger_dashboard_allowed_hosts). Default: the --address, and localhost, "
                    "127.0.0.1 and [::1] when it is a loopback address or 0.0.0.0.")
+@click.option("--flower-url", default=None, metavar="URL",
+              help="Flower's base URL: each job links to its Flower page.")
 @click.pass_context
 @_guard
 def dashboard(ctx: click.Context, address: str, port: int, token: str | None,
-              allowed_hosts: tuple[str, ...]) -> None:
+              allowed_hosts: tuple[str, ...], flower_url: str | None) -> None:
     """Serve the web dashboard (read-only without a token)."""
     try:
         from .dashboard import serve
@@ -319,4 +353,4 @@ def dashboard(ctx: click.Context, address: str, port: int, token: str | None,
             f'the dashboard needs its extras: pip install "celery-roger[dashboard]" ({exc})'
         ) from None
     serve(_roger(ctx), address=address, port=port, token=token,
-          allowed_hosts=allowed_hosts or None)
+          allowed_hosts=allowed_hosts or None, flower_url=flower_url)

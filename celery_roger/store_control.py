@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from .records import compact, dumps, text
+from .records import StoredJob, compact, dumps, text
 from .store_base import StoreBase
 
 
@@ -110,6 +110,30 @@ class ControlStore(StoreBase):
                 keys={"parked": self.parked_key(execution_key)},
             )
         )
+
+    def purge_queue(self, queue: str, batch: int = 500) -> dict[str, int]:
+        """Remove the jobs roger keeps for ``queue`` (parked, held for a pause, waiting
+        retries), releasing their queue keys: {"parked", "held", "retrying"} removed. The
+        broker's copy of the queue is the caller's (HSCAN: operator use only)."""
+        found: dict[str, list[str]] = {"parked": [], "retrying": []}
+        for place, key in (("parked", self.k_msg), ("retrying", self.k_retry_msg)):
+            for job_id, raw in self.redis.hscan_iter(key, count=500):
+                value = self.decode(raw, key, text(job_id), kombu=True)
+                roger = StoredJob.of(value).headers.get("roger") if value else None
+                if isinstance(roger, dict) and roger.get("q") == queue:
+                    found[place].append(text(job_id))
+        counts = dict.fromkeys(("parked", "held", "retrying"), 0)
+        for i in range(0, max(len(found["parked"]), len(found["retrying"]), 1), batch):
+            reply = self._run(
+                "purge_queue",
+                dict(queue=queue, prefix=self.prefix,
+                     parked=compact(found["parked"][i:i + batch]),
+                     retrying=compact(found["retrying"][i:i + batch])),
+                keys={"held_queue": self.held_key(queue)},
+            )
+            for name, n in zip(("parked", "held", "retrying"), reply, strict=True):
+                counts[name] += int(n)
+        return counts
 
     def parked_messages(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """Every stored message of a parked or promoted job (HSCAN: operator use only)."""
