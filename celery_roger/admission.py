@@ -118,12 +118,13 @@ class Admission:
                 return self._admit_later(request, exc)
             logger.info("Held job %s[%s]: queue %r is paused", request.name, request.id,
                         queue)
+            events.step(self.app, "held", request.id, queue=queue)
             return self._drop(request)
         logger.info(
             "Parked job %s[%s]: execution key %r is held by %s (position %d)",
             request.name, request.id, ek, admission.holder, admission.position,
         )
-        events.send(self.app, "parked", request.id, execution_key=ek, holder=admission.holder,
+        events.step(self.app, "parked", request.id, execution_key=ek, holder=admission.holder,
                     position=admission.position)
         return self._drop(request)
 

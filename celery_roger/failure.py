@@ -25,7 +25,6 @@ from celery import Celery
 from celery.app.task import Context
 from kombu.serialization import loads, prepare_accept_content
 
-from . import events
 from .errors import RetryableError, WrongPartition
 from .job import HEADER, Job, job_header, job_partition
 from .publish import republish, republishing
@@ -155,6 +154,22 @@ def _body(app: Celery, job_id: str, raw: dict[str, Any]) -> tuple[Any, Any, dict
     return (), {}, {}
 
 
+#: The attribute that marks the exception a buried job's last attempt ended with.
+BURIED_MARK = "roger_buried"
+
+
+def mark_buried(exc: BaseException) -> None:
+    """Mark ``exc`` as the end of a buried job (it pickles with the exception)."""
+    try:
+        setattr(exc, BURIED_MARK, True)
+    except Exception:  # an exception class that takes no attributes: reported unmarked
+        logger.debug("cannot mark %r as buried", exc)
+
+
+def is_buried(exc: BaseException) -> bool:
+    return getattr(exc, BURIED_MARK, False) is True
+
+
 def record(task: Any, job: Job, context: Any, error: BaseException, traceback: str | None,
            *, headers: dict[str, Any] | None = None) -> Decision:
     """Decide what a failed attempt becomes and record a retry or burial in Redis.
@@ -190,7 +205,6 @@ def record(task: Any, job: Job, context: Any, error: BaseException, traceback: s
         return Decision("unrecorded")
     logger.error("Job %s[%s] buried in queue %r after %d retries: %s", job.task, job.id,
                  job.queue, job.retry_count, describe(error))
-    events.send(task.app, "buried", job.id, queue=job.queue, error=describe(error))
     if dropped:
         logger.error("Buried queue %r is over roger_buried_max=%d: dropped the %d oldest "
                      "(%s)", job.queue, store.settings.buried_max, len(dropped),

@@ -42,7 +42,7 @@ def hand_off(app: Celery, promotion: Promotion) -> None:
             return
         store.confirm_promoted(promotion.job_id)
     logger.info("Promoted job %s: its execution key was handed to it", promotion.job_id)
-    events.send(app, "promoted", promotion.job_id)
+    events.step(app, "promoted", promotion.job_id)
 
 
 def finish_job(app: Celery, job_id: str, *, execution_key: str, queue_key: str,
@@ -110,7 +110,7 @@ def report_cancelled(app: Celery, task: Any, job: Job, request: Any = None) -> N
         backend.mark_as_revoked(job.id, "cancelled", request=request)
     except Exception:
         logger.exception("could not store REVOKED for job %s", job.id)
-    events.send(app, "cancelled", job.id)
+    events.revoked(app, job.id)
     runtime(app).callbacks.emit(task, "on_cancel", job)
 
 

@@ -106,17 +106,17 @@ def check_suspects(app: Celery, store: Any, suspects: list[tuple[str, str, str]]
                 "Released queue key %r: its job %s was nowhere (not in the broker, not "
                 "running, parked, held or buried) for over %.0fs: it was lost in flight",
                 key, job_id, bound)
-            events.send(app, "orphaned", job_id, queue_key=key)
+            events.step(app, "orphaned", job_id, queue_key=key)
         elif outcome == 2:
             logger.error(
                 "Job %s, handed execution key %r, was nowhere (not in the broker, not "
                 "running) for over %.0fs: its message was lost in flight; it is published "
                 "again", job_id, key, bound)
-            events.send(app, "orphaned", job_id, execution_key=key)
+            events.step(app, "orphaned", job_id, execution_key=key)
         else:
             logger.error(
                 "Execution key %r was held by job %s, which is nowhere and left nothing to "
                 "publish again: the key goes to the next parked job", key, job_id)
-            events.send(app, "orphaned", job_id, execution_key=key)
+            events.step(app, "orphaned", job_id, execution_key=key)
             finish(job_id, key)
     return acted

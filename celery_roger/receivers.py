@@ -13,6 +13,7 @@ from typing import Any
 from celery import signals
 from redis.exceptions import RedisError
 
+from . import events
 from .job import Job, is_roger_task, job_header, job_keys
 from .lease import POOL_SLOTS, JobGuard, in_pool_process, pool_index
 from .lifecycle import finish_quietly
@@ -126,9 +127,16 @@ def _refused(sender: Any, message: Any) -> bool:
 
 @signals.worker_init.connect(weak=False, dispatch_uid="celery_roger.worker_init")
 def _events_on(sender: Any = None, **_: Any) -> None:
-    """``celery worker -E``: roger's task events are on in this worker and its pool."""
-    if getattr(sender, "task_events", False) and sender.app is not None:
-        sender.app.conf.worker_send_task_events = True
+    """``celery worker -E``: roger's task events are on in this worker and its pool, sent
+    under this worker's name (its pool processes inherit it)."""
+    app = getattr(sender, "app", None)
+    if app is None:
+        return
+    if getattr(sender, "task_events", False):
+        app.conf.worker_send_task_events = True
+    hostname = getattr(sender, "hostname", None)
+    if isinstance(hostname, str) and hostname:
+        events.set_worker(app, hostname)
 
 
 @signals.worker_process_init.connect(weak=False, dispatch_uid="celery_roger.process_init")

@@ -20,8 +20,9 @@ from celery.worker.request import Request
 from celery.worker.state import revoked as revoked_ids
 from celery.worker.state import task_ready
 
+from . import events
 from .errors import JobTimeout, WorkerCrashed
-from .failure import record
+from .failure import is_buried, record
 from .job import FRESH_ADMISSION_SECONDS, Job, job_keys
 from .lease import POOL_SLOTS
 from .lifecycle import finish_quietly, report
@@ -54,6 +55,8 @@ class Watch:
     #: roger has recorded its end (one ending per attempt), and whether as a retry
     ended: bool = False
     retried: bool = False
+    #: the attempt ended the job in the buried queue: Celery's task-failed says "Buried:"
+    buried: bool = False
 
 
 class RogerRequest(Request):
@@ -93,6 +96,11 @@ class RogerRequest(Request):
                                "it: it is reported cancelled when it returns", self.id,
                                type(watch.pool).__name__)
 
+    def send_event(self, type: str, **fields: Any) -> None:
+        if type == "task-failed" and self.roger_watch.buried:
+            fields["exception"] = events.buried_exception(str(fields.get("exception") or ""))
+        super().send_event(type, **fields)
+
     def on_retry(self, exc_info: Any) -> None:
         super().on_retry(exc_info)
         when = getattr(_unwrap(exc_info.exception), "when", None)
@@ -104,6 +112,8 @@ class RogerRequest(Request):
         exc = _unwrap(exc_info.exception)
         failure: Exception | None = None
         watch = self.roger_watch
+        if is_buried(exc):
+            watch.buried = True
         # Killed without a revoke or a cancel aimed at it (roger's lease kill, or a kill
         # by hand): a crash of this attempt, never REVOKED and never a cancellation.
         killed_unasked = isinstance(exc, Terminated) and not (
@@ -178,6 +188,7 @@ class RogerRequest(Request):
             self.send_event("task-retried", exception=safe_repr(failure), traceback="")
             wake_healers(decision.delay)
         else:
+            self.roger_watch.buried = decision.kind == "bury"
             celery_failure()
         finish_quietly(app, self.id, ek, qk, instance=instance)
         report(app, f"{decision.kind} report of job {job.id}", runtime(app).callbacks.emit,

@@ -116,12 +116,15 @@ def test_the_job_page_explains_why_a_job_is_not_running(app_module, run, r, brow
     holder = app_module.fragile.apply_async((run, "holder", "sleep", 30), execution_key=key)
     parked = app_module.fragile.apply_async((run, "parked"), execution_key=key)
     wait_until(lambda: roger.store.parked_ids(key) == [parked.id], timeout=15, what="parking")
-    base = dashboard()
+    base = dashboard("--flower-url", "http://flower.test:5555/")
     browser.get(f"{base}/jobs/{parked.id}")
     text = wait_until(lambda: (t := browser.find_element(By.ID, "view").text)
                       and "parked:" in t and t, timeout=15, what="the explanation")
     assert f"held by job {holder.id} on {w.nodename} (alive)" in text
     assert "position 1 of 1" in text
+    # --flower-url: the job links to its Flower page
+    links = {a.get_attribute("href") for a in browser.find_elements(By.CSS_SELECTOR, "a.flower")}
+    assert f"http://flower.test:5555/task/{parked.id}" in links, links
     shot = tmp_path / "dashboard-job.png"
     browser.save_screenshot(str(shot))
     print(f"screenshot: {shot}")

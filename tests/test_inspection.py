@@ -278,7 +278,7 @@ def test_dashboard_without_a_token_is_read_only(roger, run, dashboard):
     assert f"q-{run}" not in roger.paused_queues()
 
 
-def test_roger_transitions_are_task_events(app_module, run, r, roger, worker):
+def test_roger_steps_are_events_and_final_states_are_celerys(app_module, run, r, roger, worker):
     app = app_module.app
     received: list[dict] = []
     ready = threading.Event()
@@ -313,11 +313,29 @@ def test_roger_transitions_are_task_events(app_module, run, r, roger, worker):
     def kinds(job_id):
         return {e["type"] for e in received if e.get("uuid") == job_id}
 
-    wait_until(lambda: {"task-roger-parked", "task-roger-promoted"} <= kinds(second.id),
-               timeout=10, what="parked and promoted events")
-    wait_until(lambda: "task-roger-buried" in kinds(buried.id), timeout=10,
-               what="a buried event")
+    wait_until(lambda: {"roger-parked", "roger-promoted"} <= kinds(second.id),
+               timeout=10, what="roger-parked and roger-promoted events")
+    wait_until(lambda: "task-failed" in kinds(buried.id), timeout=10,
+               what="the buried job's task-failed")
     stop.set()
+    failed = [e for e in received if e.get("uuid") == buried.id and e["type"] == "task-failed"]
+    assert failed[-1]["exception"].startswith("Buried: "), failed
+    # Only the worker sends events about jobs, under its own name: no task-roger-* state,
+    # no gen<pid>@host sender that Flower would list as a worker.
+    about_jobs = [e for e in received if e.get("uuid") in {first.id, second.id, buried.id}]
+    assert not [e for e in about_jobs if e["type"].startswith("task-roger-")]
+    senders = {e["hostname"] for e in about_jobs}
+    assert len(senders) == 1 and not next(iter(senders)).startswith("gen"), senders
+
+
+def test_dashboard_refuses_a_flower_url_that_is_not_http(redis_url, run):
+    proc = subprocess.run([sys.executable, "-m", "celery", "-A", "roger_app", "roger",
+                           "dashboard", "--port", str(free_port()), "--flower-url",
+                           "javascript:alert(1)"], cwd=APPS, env=cli_env(redis_url, run),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "--flower-url must be an http:// or https:// URL" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_cli_is_registered_with_celery():

@@ -21,6 +21,7 @@ import ipaddress
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import Flask, Response, abort, jsonify, render_template, request
 from prometheus_client import CollectorRegistry, generate_latest
@@ -200,10 +201,11 @@ class HostCheck:
 
 
 def create_app(roger: Roger, token: str | None, *, address: str = "127.0.0.1",
-               allowed_hosts: Sequence[str] | None = None) -> Flask:
+               allowed_hosts: Sequence[str] | None = None, flower_url: str | None = None) -> Flask:
     """The dashboard's Flask app. ``token`` (a str, or None for read-only) guards the
     actions; ``allowed_hosts`` (default ``roger_dashboard_allowed_hosts``, else the hosts
-    of ``address``, see ``default_allowed_hosts``) are the Host headers it answers."""
+    of ``address``, see ``default_allowed_hosts``) are the Host headers it answers;
+    ``flower_url``, Flower's base URL, links each job to its Flower page."""
     token = dashboard_token(token, "roger_dashboard_token (or --token)")
     given = (roger.store.settings.dashboard_allowed_hosts if allowed_hosts is None else
              dashboard_allowed_hosts(allowed_hosts,
@@ -213,6 +215,7 @@ def create_app(roger: Roger, token: str | None, *, address: str = "127.0.0.1",
     web = Flask(__name__, static_folder="static", static_url_path="/static",
                 template_folder="templates")
     web.config["roger_allowed_hosts"] = hosts.hosts
+    web.config["roger_flower_url"] = flower_base_url(flower_url)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RogerCollector(roger))
 
@@ -300,7 +303,8 @@ def _read_routes(web: Flask, roger: Roger, registry: CollectorRegistry) -> None:
     def page(job_id: str | None = None) -> Response:
         # The same static page for every path: its script reads the path and the JSON API.
         # The partition is the only value rendered here, by Jinja's autoescape.
-        return Response(render_template("dashboard.html", partition=roger.partition),
+        return Response(render_template("dashboard.html", partition=roger.partition,
+                                        flower_url=web.config["roger_flower_url"]),
                         mimetype="text/html")
 
 
@@ -350,15 +354,30 @@ def _int_arg(name: str, default: int, *, maximum: int) -> int:
     return value
 
 
+def flower_base_url(value: str | None) -> str:
+    """Flower's base URL without a trailing slash ("" for none); a ValueError naming
+    --flower-url for anything but an http(s) URL with a host."""
+    if not value:
+        return ""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or \
+            parts.fragment:
+        raise ValueError(f"--flower-url must be an http:// or https:// URL of Flower, "
+                         f"got {value!r}")
+    return value.rstrip("/")
+
+
 def serve(roger: Roger, *, address: str = "127.0.0.1", port: int = 5566,
-          token: str | None = None, allowed_hosts: Sequence[str] | None = None) -> None:
+          token: str | None = None, allowed_hosts: Sequence[str] | None = None,
+          flower_url: str | None = None) -> None:
     """Serve the dashboard until interrupted. ``token`` defaults to
     ``roger_dashboard_token``, ``allowed_hosts`` to ``roger_dashboard_allowed_hosts`` (then
     to the hosts of ``address``)."""
     settings = roger.store.settings
     token = token or settings.dashboard_token
     web = create_app(roger, token, address=address,
-                     allowed_hosts=allowed_hosts or settings.dashboard_allowed_hosts)
+                     allowed_hosts=allowed_hosts or settings.dashboard_allowed_hosts,
+                     flower_url=flower_url)
     server = make_server(address, port, web, threaded=True)
     allowed = web.config["roger_allowed_hosts"]
     print(f"roger dashboard on http://{address}:{server.server_port}/ "

@@ -32,8 +32,12 @@
     return encodeURIComponent(s);
   }
 
-  const jobLink = (id) => h("a", {href: "/jobs/" + encodeURIComponent(text(id))},
-    h("code", null, text(id)));
+  // Flower's base URL (--flower-url), or "" when the dashboard was not given one.
+  const flower = document.body.dataset.flower || "";
+  const flowerLink = (id) => (flower ? h("a", {cls: "flower", href: flower + "/task/" +
+    encodeURIComponent(text(id))}, "flower") : "");
+  const jobLink = (id) => h("span", null, h("a", {href: "/jobs/" + encodeURIComponent(text(id))},
+    h("code", null, text(id))), flower ? " " : "", flowerLink(id));
   const button = (label, action, data) => h("button", {type: "button", data: {action, ...data}},
     label);
 
@@ -112,7 +116,8 @@
       [k, h("code", null, v !== null && typeof v === "object" ? JSON.stringify(v) : text(v))]);
     const buttons = [button("cancel", "cancel", {job: id})];
     if (j.state === "buried") buttons.push(button("requeue", "requeue", {job: id}));
-    show(h("h3", null, "Job ", h("code", null, id)), h("p", null, h("b", null, text(j.explanation))),
+    show(h("h3", null, "Job ", h("code", null, id), flower ? " " : "", flowerLink(id)),
+      h("p", null, h("b", null, text(j.explanation))),
       table(["field", "value"], rows), ...buttons);
   }
 
