@@ -70,7 +70,8 @@ class Admission:
             # Nothing to park it behind: it is admitted by its start check, in the job's
             # own process, so this event loop makes no Redis call for it.
             return self.handle(request)
-        queue = job_header(request.request_dict).get("q")
+        header = job_header(request.request_dict)
+        queue = header.get("q")
         info = {
             "job": request.id, "task": request.name, "instance": self.instance,
             "worker": self.hostname, "pid": os.getpid(), "ek": ek, "qk": qk,
@@ -82,6 +83,7 @@ class Admission:
             admission = self.store.admit(
                 request.id, instance=self.instance, execution_key=ek, info=info,
                 message={**capture(request.message), **self.fuse.place(request.message)},
+                qk_release=header.get("qu") == "start",
             )
         except RedisError as exc:
             return self._admit_later(request, exc)

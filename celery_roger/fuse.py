@@ -153,6 +153,8 @@ class FusedPublish:
     job_id: str
     queue_key: str
     deadline_ms: int
+    #: queue_key_until seconds, in ms (a throttle window; 0 for none)
+    window_ms: int = 0
     mode: str | None = None
     #: the list's queue, when fused
     queue: str | None = None
@@ -177,7 +179,8 @@ class FusedPublish:
         with channel.conn_or_acquire() as client:
             try:
                 outcome = self.fuse.store.publish_fused(
-                    client, key, token, self.queue_key, self.job_id, payload, self.deadline_ms)
+                    client, key, token, self.queue_key, self.job_id, payload, self.deadline_ms,
+                    self.window_ms)
             except ResponseError as exc:  # a key of the wrong type: the guarded road
                 logger.warning("roger: fused publish of %s failed (%s); it takes the long "
                                "road", self.job_id, exc)

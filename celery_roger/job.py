@@ -56,6 +56,8 @@ def job_partition(request: Any) -> str | None:
 def _sound_field(name: str, value: Any) -> bool:
     if name in ("q", "qk", "ek", "p"):
         return isinstance(value, str)
+    if name == "qu":
+        return value == "start"
     if name == "at":
         return finite(value) is not None
     if name == "rc":
@@ -129,6 +131,8 @@ class Job:
     retry_count: int = 0
     queued_at: float = 0.0
     started_at: float = 0.0
+    #: queue_key_until="start": the queue key goes as the attempt starts
+    queue_key_at_start: bool = False
 
     def header(self, retry_count: int, partition: str | None = None) -> dict[str, Any]:
         """This job's ``roger`` header, for publishing it again with ``retry_count`` in
@@ -138,6 +142,8 @@ class Job:
             header["p"] = partition
         if self.queue_key:
             header["qk"] = self.queue_key
+            if self.queue_key_at_start:
+                header["qu"] = "start"
         if self.execution_key:
             header["ek"] = self.execution_key
         return header
@@ -154,6 +160,7 @@ class Job:
             execution_key=as_key_or_none(header.get("ek")),
             retry_count=_count(header.get("rc")) or 0, queued_at=finite(header.get("at")) or 0.0,
             started_at=time.time() if started_at is None else started_at,
+            queue_key_at_start=header.get("qu") == "start",
         )
 
     @classmethod

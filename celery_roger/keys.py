@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -192,3 +193,25 @@ def validate(task_name: str, kind: str, value: Any) -> str | None:
     except UnicodeEncodeError as exc:
         raise ValueError(f"{task_name}: {kind} is not valid UTF-8 text ({exc.reason})") from None
     return value
+
+
+#: queue_key_until's words; otherwise it is a number of seconds (a throttle window).
+UNTIL = ("end", "start")
+
+
+def queue_key_until(task_name: str, value: Any) -> str | float:
+    """A valid ``queue_key_until``: "end" (released when the attempt ends), "start" (as
+    it starts) or seconds > 0 (a throttle window from the accepted publish, as a float);
+    else a TypeError/ValueError naming the task and the option."""
+    if isinstance(value, str):
+        if value in UNTIL:
+            return value
+        raise ValueError(f"{task_name}: queue_key_until must be 'end', 'start' or a number "
+                         f"of seconds > 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{task_name}: queue_key_until must be 'end', 'start' or a number "
+                        f"of seconds > 0, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{task_name}: queue_key_until must be a number of seconds > 0, "
+                         f"got {value!r}")
+    return float(value)

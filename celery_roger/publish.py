@@ -13,7 +13,7 @@ import math
 import numbers
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from celery import Celery
 from celery.signals import before_task_publish
@@ -26,7 +26,7 @@ from . import canvas, events
 from .errors import DuplicateJob
 from .fuse import FusedPublish, Refused, fusing
 from .job import HEADER, is_roger_task
-from .keys import ON_DUPLICATE, KeySpec, OnDuplicate, validate
+from .keys import ON_DUPLICATE, KeySpec, OnDuplicate, queue_key_until, validate
 from .kombu_guard import Delivery, after_flush, delivery
 from .runtime import runtime
 
@@ -102,6 +102,7 @@ def publish(app: Celery, send: Callable, name: str, args: Any, kwargs: Any,
         return send(name, args, kwargs, **options)
     headers = _without_callers_header(name, options)
     task = app.tasks.get(name)
+    until = options.pop("queue_key_until", None)
     if is_roger_task(task):
         queue_key, execution_key = task.roger_keys(
             tuple(args or ()), dict(kwargs or {}), queue_key=queue_key, execution_key=execution_key
@@ -121,6 +122,8 @@ def publish(app: Celery, send: Callable, name: str, args: Any, kwargs: Any,
         )
     # Read as Celery reads it, before anything is taken or sent: a bad one raises here.
     expires = expires_in(app, _expires_option(task, options), name)
+    until = queue_key_until(name, until if until is not None
+                            else getattr(task, "queue_key_until", "end"))
 
     settings = runtime(app).settings
     task_id = options["task_id"] = task_id or uuid()
@@ -128,19 +131,31 @@ def publish(app: Celery, send: Callable, name: str, args: Any, kwargs: Any,
            "p": settings.partition}
     if queue_key is not None:
         job["qk"] = queue_key
+        if until == "start":
+            job["qu"] = "start"
     if execution_key is not None:
         job["ek"] = execution_key
     options["headers"] = {**headers, HEADER: job}
     if queue_key is None:
         return send(name, args, kwargs, **options)
+    hold = Hold(expires, until if isinstance(until, float) else 0.0)
     if runtime(app).fuse.usable and _KEY_TAKEN.get() != task_id:
-        return _send_fused(app, send, task, name, args, kwargs, options, queue_key, expires,
+        return _send_fused(app, send, task, name, args, kwargs, options, queue_key, hold,
                            on_duplicate)
     holder = runtime(app).store.take_queue_key(queue_key, task_id)
     if holder is not None:
         return _duplicate(app, task, name, args, kwargs, options, queue_key, holder,
                           on_duplicate)
-    return _send_holding(app, send, name, args, kwargs, options, queue_key, expires)
+    return _send_holding(app, send, name, args, kwargs, options, queue_key, hold)
+
+
+class Hold(NamedTuple):
+    """How long a published job's queue key is held, besides its attempt: ``expires``
+    (seconds until the job's expiry, or None) and ``window`` (queue_key_until seconds: a
+    throttle window from the accepted publish; 0 for none)."""
+
+    expires: float | None
+    window: float
 
 
 def _without_callers_header(name: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -181,7 +196,7 @@ def _duplicate(app: Celery, task: Any, name: str, args: Any, kwargs: Any,
 
 
 def _send_holding(app: Celery, send: Callable, name: str, args: Any, kwargs: Any,
-                  options: dict[str, Any], queue_key: str, expires: float | None) -> Any:
+                  options: dict[str, Any], queue_key: str, hold: Hold) -> Any:
     """Send a job that took ``queue_key``, then confirm the key (or release it when the
     send failed, or the broker dropped the message)."""
     store = runtime(app).store
@@ -191,17 +206,18 @@ def _send_holding(app: Celery, send: Callable, name: str, args: Any, kwargs: Any
     except BaseException:
         _release(store, name, options["task_id"], queue_key, "publish failed")
         raise
-    _confirm(store, name, options, queue_key, expires, delivered)
+    _confirm(store, name, options, queue_key, hold, delivered)
     return result
 
 
 def _send_fused(app: Celery, send: Callable, task: Any, name: str, args: Any, kwargs: Any,
-                options: dict[str, Any], queue_key: str, expires: float | None,
+                options: dict[str, Any], queue_key: str, hold: Hold,
                 on_duplicate: str) -> Any:
     """Send a job whose queue key is taken inside kombu, with its message (fuse.py)."""
     rt = runtime(app)
     task_id = options["task_id"]
-    request = FusedPublish(rt.fuse, task_id, queue_key, rt.store.queue_key_deadline_ms(expires))
+    request = FusedPublish(rt.fuse, task_id, queue_key,
+                           rt.store.queue_key_deadline_ms(hold.expires), int(hold.window * 1000))
     try:
         with fusing(request, Delivery()) as delivered:
             result = send(name, args, kwargs, **options)
@@ -225,10 +241,10 @@ def _send_fused(app: Celery, send: Callable, task: Any, name: str, args: Any, kw
             return result
     if request.batch is not None:
         after_flush(request.batch, lambda flushed: _confirm(
-            rt.store, name, options, queue_key, expires, delivered) if flushed
+            rt.store, name, options, queue_key, hold, delivered) if flushed
             else _release(rt.store, name, task_id, queue_key, "the publish batch was not sent"))
         return result
-    _confirm(rt.store, name, options, queue_key, expires, delivered)
+    _confirm(rt.store, name, options, queue_key, hold, delivered)
     return result
 
 
@@ -243,7 +259,7 @@ def _unsubscribe(app: Celery, task_id: str) -> None:
 
 
 def _confirm(store: Any, name: str, options: dict[str, Any], queue_key: str,
-             expires: float | None, delivered: Delivery) -> None:
+             hold: Hold, delivered: Delivery) -> None:
     """The job was sent holding ``queue_key`` (pending): confirm the key, or release it
     when the broker dropped the message."""
     task_id = options["task_id"]
@@ -255,7 +271,7 @@ def _confirm(store: Any, name: str, options: dict[str, Any], queue_key: str,
         _release(store, name, task_id, queue_key, "dropped by the broker")
         return
     try:
-        confirmed = store.confirm_queue_key(queue_key, task_id, expires)
+        confirmed = store.confirm_queue_key(queue_key, task_id, hold.expires, hold.window)
     except RedisError as exc:
         # The job is in the broker: report the publish as done. Its queue key stays
         # taken, and frees itself after the grace period if the job has not started.

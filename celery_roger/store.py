@@ -59,14 +59,14 @@ class Store(ControlStore, FailureStore):
         return text(holder) if holder else None
 
     def confirm_queue_key(
-        self, queue_key: str, job_id: str, expires_in: float | None = None
+        self, queue_key: str, job_id: str, expires_in: float | None = None, window: float = 0.0
     ) -> bool:
         """The job is in the broker. With ``expires_in`` (its expiry, in seconds), the key
-        frees itself that long plus the grace later unless a worker admits the job."""
+        frees itself that long plus the grace later unless a worker admits the job. With
+        ``window`` (seconds, queue_key_until), it stays taken at least that long."""
         deadline = self.queue_key_deadline_ms(expires_in)
-        return bool(
-            self._run("confirm_queue_key", dict(qkey=queue_key, job=job_id, deadline_ms=deadline))
-        )
+        return bool(self._run("confirm_queue_key", dict(
+            qkey=queue_key, job=job_id, deadline_ms=deadline, window_ms=int(window * 1000))))
 
     def fuse_token(self) -> str:
         """The token that proves a client reaches this partition's database (fuse.py),
@@ -78,13 +78,14 @@ class Store(ControlStore, FailureStore):
         return text(token)
 
     def publish_fused(self, client: Any, queue_list: str, token: str, queue_key: str,
-                      job_id: str, payload: str, deadline_ms: int) -> list[Any]:
+                      job_id: str, payload: str, deadline_ms: int,
+                      window_ms: int = 0) -> list[Any]:
         """Take ``queue_key`` and push ``payload`` to the broker's ``queue_list`` in one
         script, through the broker's ``client`` (see publish_fused.lua for the answers)."""
         outcome = self._run(
             "publish_fused",
             dict(token=token, qkey=queue_key, job=job_id, payload=payload,
-                 deadline_ms=deadline_ms),
+                 deadline_ms=deadline_ms, window_ms=window_ms),
             keys={"queue": queue_list}, client=client,
         )
         return [text(outcome[0]), *outcome[1:]]
@@ -108,6 +109,7 @@ class Store(ControlStore, FailureStore):
         execution_key: str,
         info: dict[str, Any],
         message: dict[str, Any],
+        qk_release: bool = False,
     ) -> AdmitOutcome:
         reply = self._run(
             "admit",
@@ -119,6 +121,7 @@ class Store(ControlStore, FailureStore):
                 message=compact(message) if execution_key else "",
                 queue=info.get("queue") or "",
                 qkey=info.get("qk") or "",
+                qk_release="1" if qk_release else "0",
             ),
             keys={"parked": self.parked_key(execution_key)},
         )

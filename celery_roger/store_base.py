@@ -112,6 +112,7 @@ class StoreBase:
         self.k_promoting = self.prefix + "promoting"
         self.k_qkeys = self.prefix + "qkeys"
         self.k_qk_pending = self.prefix + "qk_pending"
+        self.k_qk_until = self.prefix + "qk_until"
         self.k_retry = self.prefix + "retry"
         self.k_retry_msg = self.prefix + "retry_msg"
         self.k_buried = self.prefix + "buried"

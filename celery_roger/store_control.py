@@ -20,6 +20,7 @@ class ControlStore(StoreBase):
         info: dict[str, Any] | None = None,
         instance: str = "",
         queue_key: str = "",
+        qk_release: bool = False,
     ) -> tuple[str, bool, dict[str, Any] | None]:
         """The check right before a job's body runs, and the admission of a job without
         an execution key (``info``): (outcome, report its cancel, crashed earlier attempt).
@@ -32,6 +33,7 @@ class ControlStore(StoreBase):
                 info=compact(info) if info else "",
                 instance=instance,
                 qkey=queue_key,
+                qk_release="1" if qk_release else "0",
             ),
         )
         outcome = text(reply[0])

@@ -82,6 +82,10 @@ class RogerTask(Task, metaclass=RogerTaskType):
     #: return the "existing" job's AsyncResult (use it for tasks sent by celery beat).
     #: None: the ``roger_on_duplicate`` setting ("raise" unless set).
     on_duplicate: ClassVar[str | None] = None
+    #: When the queue key goes: "end" (the attempt ends), "start" (the attempt starts: a
+    #: new publish is accepted while it runs) or seconds (a throttle window counted from
+    #: the accepted publish, and at least until the attempt ends).
+    queue_key_until: ClassVar[str | float] = "end"
     #: Retry on any failure (exception, timeout, crash) along ``retry_levels``.
     retryable: ClassVar[bool] = False
     #: Retry delays in seconds for this task; None = the ``roger_retry_levels`` setting.
@@ -105,6 +109,8 @@ class RogerTask(Task, metaclass=RogerTaskType):
         keys.check_declaration(cls, name, has_run=cls.run is not Task.run)
         if cls.__dict__.get("retry_levels") is not None:
             cls.retry_levels = retry_levels(f"{name}: retry_levels", cls.retry_levels)
+        if "queue_key_until" in cls.__dict__:
+            cls.queue_key_until = keys.queue_key_until(name, cls.__dict__["queue_key_until"])
         limit = cls.__dict__.get("max_execution_time")
         if limit is not None:
             if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0:
@@ -186,7 +192,8 @@ class RogerTask(Task, metaclass=RogerTaskType):
                     "admitted_at": job.started_at, **small_arguments(args, kwargs)}
         try:
             outcome, report, crashed = runtime(self.app).store.start(
-                request.id, job.queue, info, instance, job.queue_key or "")
+                request.id, job.queue, info, instance, job.queue_key or "",
+                qk_release=job.queue_key_at_start)
         except RedisError as exc:
             # Neither run nor dropped: back to the broker, after a pause.
             logger.error("Cannot start job %s[%s] (Redis: %s); it goes back to its "
@@ -303,7 +310,8 @@ class RogerTask(Task, metaclass=RogerTaskType):
                     producer: Any = None, link: Any = None, link_error: Any = None,
                     shadow: str | None = None, *, queue_key: keys.KeySpec = UNSET,
                     execution_key: keys.KeySpec = UNSET,
-                    on_duplicate: keys.OnDuplicate | None = None, **options: Any) -> Any:
+                    on_duplicate: keys.OnDuplicate | None = None,
+                    queue_key_until: str | float | None = None, **options: Any) -> Any:
         """Celery's ``apply_async``, with roger's per-call options (keyword-only, typed)."""
         app = self._get_app()
         if app.conf.task_always_eager:
@@ -317,6 +325,8 @@ class RogerTask(Task, metaclass=RogerTaskType):
                 options["execution_key"] = execution_key
             if on_duplicate is not None:
                 options["on_duplicate"] = on_duplicate
+            if queue_key_until is not None:
+                options["queue_key_until"] = queue_key_until
         return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow,
                                    **options)
 

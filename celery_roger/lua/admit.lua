@@ -1,5 +1,5 @@
---! KEYS: workers running holders msg promoting parked cancelled cancel_reported paused parked_count stats qkeys qk_pending crash_checks crash_info
---! ARGV: job instance ek info message queue qkey
+--! KEYS: workers running holders msg promoting parked cancelled cancel_reported paused parked_count stats qkeys qk_pending qk_until crash_checks crash_info
+--! ARGV: job instance ek info message queue qkey qk_release
 -- Admit: the check a delivered job passes before it may run (worker main process).
 -- Checks the worker's lease, then either records the job as running (taking its
 -- execution key, or picking up the key handed to it on promotion), or parks it
@@ -46,6 +46,9 @@ if ekey ~= '' then
   else
     redis.call('HSET', K.holders, ekey, job)
   end
+end
+if A.qk_release == '1' then  -- queue_key_until="start": the key goes as the job starts
+  release_queue_key(K.qkeys, K.qk_pending, A.qkey, job, K.qk_until)
 end
 local crashed = record_running(job, A.info, A.instance, now, {
   workers = K.workers, running = K.running, crash_checks = K.crash_checks, crash_info = K.crash_info})

@@ -1,4 +1,4 @@
---! KEYS: cancelled cancel_reported cancel_reports retry retry_msg msg promoting held_msg qkeys qk_pending running parked_count stats
+--! KEYS: cancelled cancel_reported cancel_reports retry retry_msg msg promoting held_msg qkeys qk_pending qk_until running parked_count stats
 --! ARGV: job ttl_ms prefix
 -- Cancel a job: remember it (until its TTL), and take it out of every place where it
 -- waits in Redis (for its retry, parked on an execution key, held by a paused queue),
@@ -12,7 +12,7 @@ local job, expiry = A.job, now + tonumber(A.ttl_ms)
 redis.call('ZADD', K.cancelled, 'GT', expiry, job)
 
 local function release_qkey(qkey)
-  release_queue_key(K.qkeys, K.qk_pending, qkey, job)
+  release_queue_key(K.qkeys, K.qk_pending, qkey, job, K.qk_until)
 end
 -- The roger header of a stored job (a parked message, a retry entry, a held job).
 local function roger_header(decoded)

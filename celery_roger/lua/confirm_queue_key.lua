@@ -1,5 +1,5 @@
---! KEYS: qkeys qk_pending
---! ARGV: qkey job deadline_ms
+--! KEYS: qkeys qk_pending qk_until
+--! ARGV: qkey job deadline_ms window_ms
 -- Publish with a queue key, step 2: the broker accepted the message, so the key is
 -- held until the job's attempt ends (no deadline any more), or, for a job with an
 -- expiry (which a broker such as RabbitMQ may drop unseen), until that expiry plus the
@@ -10,8 +10,13 @@
 if redis.call('HGET', K.qkeys, A.qkey) ~= A.job then
   return 0
 end
+local now = now_ms()
+if tonumber(A.window_ms) > 0 then
+  -- queue_key_until=seconds: the key stays taken for the window, whatever becomes of the
+  -- job (release_queue_key in lib.lua), and until the job's attempt ends.
+  redis.call('ZADD', K.qk_until, now + tonumber(A.window_ms), A.qkey)
+end
 if tonumber(A.deadline_ms) > 0 then
-  local now = now_ms()
   redis.call('ZADD', K.qk_pending, now + tonumber(A.deadline_ms), A.qkey)
 else
   redis.call('ZREM', K.qk_pending, A.qkey)

@@ -1,4 +1,4 @@
---! KEYS: running holders msg promoting qkeys qk_pending parked parked_count
+--! KEYS: running holders msg promoting qkeys qk_pending qk_until parked parked_count
 --! ARGV: job ek qkey grace_ms force instance
 -- Finish: a job's attempt ended (any outcome). Forget it as running, release its queue
 -- key and execution key (each only if this job holds it) and hand the execution key
@@ -35,7 +35,7 @@ if not force then
     redis.call('ZREM', K.promoting, job)
   end
   removed = redis.call('HDEL', K.running, job)
-  release_queue_key(K.qkeys, K.qk_pending, qkey, job)
+  release_queue_key(K.qkeys, K.qk_pending, qkey, job, K.qk_until)
 end
 if ekey == '' then
   return {removed}

@@ -2,10 +2,20 @@
 -- each one when loading, but for a lean one (`--! LEAN`).
 
 -- Release queue key `qkey` if `job` holds it (compare-and-delete), with its pending
--- deadline. Returns whether it did.
-local function release_queue_key(qkeys, qk_pending, qkey, job)
+-- deadline. Returns whether it did. A key whose throttle window (`qk_until`, set when a
+-- publish with queue_key_until=seconds was accepted) has not ended stays taken until it
+-- ends: it becomes pending with the window's end as its deadline.
+local function release_queue_key(qkeys, qk_pending, qkey, job, qk_until)
   if type(qkey) ~= 'string' or qkey == '' or redis.call('HGET', qkeys, qkey) ~= job then
     return false
+  end
+  if qk_until then
+    local until_ms = tonumber(redis.call('ZSCORE', qk_until, qkey))
+    if until_ms and until_ms > now_ms() then
+      redis.call('ZADD', qk_pending, until_ms, qkey)
+      return true
+    end
+    redis.call('ZREM', qk_until, qkey)
   end
   redis.call('HDEL', qkeys, qkey)
   redis.call('ZREM', qk_pending, qkey)
@@ -20,7 +30,7 @@ end
 -- in `quarantine_log` for a worker to log once.
 local KEY_TYPES = {
   workers = 'zset', running = 'hash', holders = 'hash', msg = 'hash', promoting = 'zset',
-  qkeys = 'hash', qk_pending = 'zset', retry = 'zset', retry_msg = 'hash',
+  qkeys = 'hash', qk_pending = 'zset', qk_until = 'zset', retry = 'zset', retry_msg = 'hash',
   buried = 'zset', buried_msg = 'hash', buried_dropped = 'hash', buried_queues = 'set',
   cancelled = 'zset', cancel_reported = 'zset', cancel_reports = 'list', paused = 'hash',
   held_msg = 'hash', held_queues = 'set', parked_count = 'hash', stats = 'hash',

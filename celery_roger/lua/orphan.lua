@@ -1,4 +1,4 @@
---! KEYS: qkeys qk_pending running msg held_msg buried_msg orphan_suspects orphan_suspect_keys stats holders promoting
+--! KEYS: qkeys qk_pending qk_until running msg held_msg buried_msg orphan_suspects orphan_suspect_keys stats holders promoting
 --! ARGV: kind job key verdict
 -- The broker check of a suspect found by sweep_keys.lua is done. 'keep': the job is in
 -- the broker, waiting its turn: its wait starts again. 'release': the job is nowhere;
@@ -33,6 +33,12 @@ end
 if redis.call('HGET', K.qkeys, key) ~= job or queue_key_accounted(k, key, job) then
   return 0
 end
+local until_ms = tonumber(redis.call('ZSCORE', K.qk_until, key))
+if until_ms and until_ms > now_ms() then
+  -- A throttle window: the key is not an orphan until it ends (it stays taken anyway).
+  return 0
+end
+redis.call('ZREM', K.qk_until, key)
 redis.call('HDEL', K.qkeys, key)
 redis.call('HINCRBY', K.stats, 'orphaned_keys', 1)
 return 1

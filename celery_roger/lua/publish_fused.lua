@@ -1,5 +1,5 @@
---! KEYS: fuse qkeys qk_pending stats queue
---! ARGV: token qkey job payload deadline_ms
+--! KEYS: fuse qkeys qk_pending qk_until stats queue
+--! ARGV: token qkey job payload deadline_ms window_ms
 --! LEAN
 -- Publish with a queue key on a Redis broker that is roger's Redis, in one round trip:
 -- take the key and push the message together, so the key is never pending.
@@ -34,6 +34,11 @@ if tonumber(A.deadline_ms) > 0 then
   redis.call('ZADD', K.qk_pending, now + tonumber(A.deadline_ms), A.qkey)
 else
   redis.call('ZREM', K.qk_pending, A.qkey)
+end
+if tonumber(A.window_ms) > 0 then  -- a throttle window (confirm_queue_key.lua)
+  redis.call('ZADD', K.qk_until, now + tonumber(A.window_ms), A.qkey)
+else
+  redis.call('ZREM', K.qk_until, A.qkey)
 end
 redis.call('LPUSH', K.queue, A.payload)
 return {'sent'}

@@ -1,4 +1,4 @@
---! KEYS: held_queue held_msg held_queues retry retry_msg msg promoting qkeys qk_pending parked_count
+--! KEYS: held_queue held_msg held_queues retry retry_msg msg promoting qkeys qk_pending qk_until parked_count
 --! ARGV: queue prefix parked retrying
 -- Purge the jobs roger keeps for one queue (`Roger(app).purge`; the caller drains the
 -- broker's copy of the queue itself): the jobs held for it while paused, and the
@@ -33,7 +33,7 @@ for _, job in ipairs(redis.call('LRANGE', K.held_queue, 0, -1)) do
   local stored = redis.call('HGET', K.held_msg, job)
   if stored then
     local decoded = stored_object(K.held_msg, job, stored)
-    release_queue_key(K.qkeys, K.qk_pending, str(roger_header(decoded).qk), job)
+    release_queue_key(K.qkeys, K.qk_pending, str(roger_header(decoded).qk), job, K.qk_until)
     redis.call('HDEL', K.held_msg, job)
     held = held + 1
   end
@@ -48,7 +48,7 @@ for _, job in ipairs(ids(A.retrying)) do
   if header and header.q == queue then
     redis.call('ZREM', K.retry, job)
     redis.call('HDEL', K.retry_msg, job)
-    release_queue_key(K.qkeys, K.qk_pending, str(header.qk), job)
+    release_queue_key(K.qkeys, K.qk_pending, str(header.qk), job, K.qk_until)
     retrying = retrying + 1
   end
 end
@@ -64,7 +64,7 @@ for _, job in ipairs(ids(A.parked)) do
       parked = parked + 1
     end
     redis.call('HDEL', K.msg, job)
-    release_queue_key(K.qkeys, K.qk_pending, str(header.qk), job)
+    release_queue_key(K.qkeys, K.qk_pending, str(header.qk), job, K.qk_until)
   end
 end
 return {parked, held, retrying}

@@ -1,4 +1,4 @@
---! KEYS: qkeys qk_pending
+--! KEYS: qkeys qk_pending qk_until
 --! ARGV: qkey job
 -- Release a queue key held by a job (compare-and-delete), or by anyone when A.job is ''.
 -- KEYS: qkeys, qk_pending
@@ -10,4 +10,5 @@ if not holder or (A.job ~= '' and holder ~= A.job) then
 end
 redis.call('HDEL', K.qkeys, A.qkey)
 redis.call('ZREM', K.qk_pending, A.qkey)
+redis.call('ZREM', K.qk_until, A.qkey)  -- a release by hand ends a throttle window too
 return holder

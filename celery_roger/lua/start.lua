@@ -1,5 +1,5 @@
---! KEYS: cancelled cancel_reported paused stats workers running crash_checks crash_info qkeys qk_pending
---! ARGV: job queue info instance qkey
+--! KEYS: cancelled cancel_reported paused stats workers running crash_checks crash_info qkeys qk_pending qk_until
+--! ARGV: job queue info instance qkey qk_release
 -- Start: the check a job passes in its own process right before its body runs, for
 -- what changed after its admission (a cancel, a pause). A job without an execution key
 -- is admitted here (info json given): recorded as running under its worker's instance.
@@ -16,6 +16,9 @@ local refused = arrival_check(A.job, A.queue, A.qkey, now, {
   qkeys = K.qkeys, qk_pending = K.qk_pending, cancelled = K.cancelled, cancel_reported = K.cancel_reported,
   stats = K.stats, paused = K.paused})
 if refused then return refused end
+if A.qk_release == '1' then  -- queue_key_until="start": the key goes as the job starts
+  release_queue_key(K.qkeys, K.qk_pending, A.qkey, A.job, K.qk_until)
+end
 if A.info ~= '' then
   local crashed = record_running(A.job, A.info, A.instance, now, {
     workers = K.workers, running = K.running, crash_checks = K.crash_checks, crash_info = K.crash_info})

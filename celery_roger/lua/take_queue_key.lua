@@ -1,4 +1,4 @@
---! KEYS: qkeys qk_pending stats
+--! KEYS: qkeys qk_pending stats qk_until
 --! ARGV: qkey job grace_ms
 -- Publish with a queue key, step 1: atomically check and take the key for a job.
 -- The key is taken "pending" until the publisher confirms the broker accepted the
@@ -17,4 +17,7 @@ if holder and holder ~= A.job then
 end
 redis.call('HSET', K.qkeys, A.qkey, A.job)
 redis.call('ZADD', K.qk_pending, now + tonumber(A.grace_ms), A.qkey)
+-- A window of an earlier holder is over (or was ended by hand): the confirm of this
+-- publish sets its own, if it has one.
+redis.call('ZREM', K.qk_until, A.qkey)
 return false

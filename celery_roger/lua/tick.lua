@@ -1,4 +1,4 @@
---! KEYS: workers running promoting msg qkeys qk_pending retry retry_msg cancelled cancel_reported cancel_reports paused held_queues crash_checks crash_info quarantine_log
+--! KEYS: workers running promoting msg qkeys qk_pending qk_until retry retry_msg cancelled cancel_reported cancel_reports paused held_queues crash_checks crash_info quarantine_log
 --! ARGV: grace_ms
 -- Tick: run by every roger worker's healer about once a second. Returns the healing work
 -- due anywhere (the lease itself is renewed by renew.lua, on its own thread):
@@ -61,6 +61,7 @@ local freed = redis.call('ZRANGEBYSCORE', K.qk_pending, '-inf', now, 'LIMIT', 0,
 for _, qkey in ipairs(freed) do
   redis.call('HDEL', K.qkeys, qkey)
   redis.call('ZREM', K.qk_pending, qkey)
+  redis.call('ZREM', K.qk_until, qkey)
 end
 local due = take_due(K.retry, K.retry_msg, now, grace, 100)
 local next_due = -1

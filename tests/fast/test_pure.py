@@ -88,3 +88,29 @@ def test_a_stored_job_is_told_by_its_kind_or_by_its_fields() -> None:
     assert StoredJob.of({"kind": "entry", **entry}).message is None
     assert StoredJob.of(buried).entry == entry
     assert StoredJob.of({"kind": "nonsense", "raw": "x"}).message is None, "not a dict"
+
+
+def test_queue_key_until_takes_end_start_or_seconds_and_names_what_was_wrong():
+    from celery_roger.keys import queue_key_until
+
+    assert queue_key_until("t", "end") == "end"
+    assert queue_key_until("t", "start") == "start"
+    assert queue_key_until("t", 3600) == 3600.0
+    for bad, error in (("later", ValueError), (0, ValueError), (-1, ValueError),
+                       (float("nan"), ValueError), (True, TypeError), ([1], TypeError)):
+        with pytest.raises(error, match=r"^t: queue_key_until must be"):
+            queue_key_until("t", bad)
+
+
+def test_a_task_with_a_bad_queue_key_until_fails_at_its_definition():
+    from celery import Celery
+
+    from celery_roger import RogerTask
+
+    app = Celery("until-test", set_as_current=False)
+    with pytest.raises(ValueError, match="digest: queue_key_until must be"):
+        @app.task(base=RogerTask, name="digest", queue_key="d", queue_key_until="hourly")
+        def digest():
+            pass
+
+        digest.run  # noqa: B018 (a lazy app makes the task class on first use)

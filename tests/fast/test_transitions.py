@@ -234,3 +234,49 @@ def test_a_dead_workers_attempt_is_returned_by_the_tick(store):
     store.redis.zadd(store.k_workers, {"dead": 0})  # its lease ran out
     (orphan,) = store.tick().orphans
     assert orphan["job"] == "a" and orphan["instance"] == "dead"
+
+
+# -- queue_key_until (issue 16) -------------------------------------------------------------
+
+
+def test_a_throttle_window_outlasts_its_job_and_then_frees_the_key(store):
+    assert store.take_queue_key("k", "j1") is None
+    assert store.confirm_queue_key("k", "j1", window=0.6)
+    store.finish("j1", queue_key="k")
+    assert store.take_queue_key("k", "j2") == "j1", "refused for the window, job ended or not"
+    assert store.orphan("queue", "j1", "k", release=True) == 0, "a window is not an orphan"
+    time.sleep(0.7)
+    assert store.take_queue_key("k", "j2") is None, "free once the window has ended"
+    assert store.confirm_queue_key("k", "j2")
+    store.finish("j2", queue_key="k")
+    assert store.queue_key_holder("k") is None, "a key without a window goes at the end"
+
+
+def test_a_throttle_window_keeps_the_key_while_its_job_still_waits(store):
+    store.take_queue_key("k", "j1")
+    store.confirm_queue_key("k", "j1", window=0.2)
+    time.sleep(0.3)
+    assert store.take_queue_key("k", "j2") == "j1", "held until the attempt ends, too"
+    store.finish("j1", queue_key="k")
+    assert store.take_queue_key("k", "j2") is None
+
+
+def test_queue_key_until_start_releases_the_key_as_the_job_starts(store):
+    store.take_queue_key("k", "j1")
+    store.confirm_queue_key("k", "j1")
+    assert store.start("j1", "q", queue_key="k")[0] == "run"
+    assert store.take_queue_key("k", "j2") == "j1", "an ordinary start keeps it"
+    assert store.start("j1", "q", queue_key="k", qk_release=True)[0] == "run"
+    assert store.take_queue_key("k", "j2") is None, "released as it started"
+    store.finish("j1", queue_key="k")
+    assert store.queue_key_holder("k") == "j2", "its end leaves the new holder alone"
+
+
+def test_a_release_by_hand_ends_a_throttle_window(store):
+    store.take_queue_key("k", "j1")
+    store.confirm_queue_key("k", "j1", window=60)
+    assert store.release_queue_key("k") == "j1"
+    assert store.take_queue_key("k", "j2") is None
+    assert store.confirm_queue_key("k", "j2")
+    store.finish("j2", queue_key="k")
+    assert store.queue_key_holder("k") is None, "no window of j1 left over for j2"
