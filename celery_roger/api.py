@@ -21,6 +21,8 @@ logger = logging.getLogger("celery_roger")
 
 KEY_KINDS = ("queue", "execution")
 PAUSE_SETTLE_SECONDS = 0.1  # > FRESH_ADMISSION_SECONDS
+#: The worker instance a purge finishes drained jobs under: none runs under it.
+PURGE_INSTANCE = "roger-purge"
 
 
 class Roger:
@@ -79,8 +81,10 @@ class Roger:
                     headers = message.headers or {}
                     ek, qk = job_keys(headers)
                     if headers.get("id") and (ek or qk):
+                        # An instance no attempt runs under: if a copy of this job is
+                        # running (a redelivery), finish.lua leaves its keys alone.
                         finish_job(self.app, str(headers["id"]), execution_key=ek,
-                                   queue_key=qk)
+                                   queue_key=qk, instance=PURGE_INSTANCE)
             finally:
                 with contextlib.suppress(Exception):
                     channel.close()

@@ -45,8 +45,8 @@ def refuse_together(ctx: click.Context, name: str, *others: str) -> None:
         return
     for other in others:
         if given(ctx, other):
-            raise click.UsageError(f"{_shown(ctx, name)} and {_shown(ctx, other)} cannot "
-                                   "be used together")
+            raise click.ClickException(f"{_shown(ctx, name)} and {_shown(ctx, other)} "
+                                       "cannot be used together")
 
 
 def _shown(ctx: click.Context, name: str) -> str:

@@ -158,16 +158,28 @@ def _body(app: Celery, job_id: str, raw: dict[str, Any]) -> tuple[Any, Any, dict
 BURIED_MARK = "roger_buried"
 
 
-def mark_buried(exc: BaseException) -> None:
-    """Mark ``exc`` as the end of a buried job (it pickles with the exception)."""
+def mark_buried(exc: BaseException, job_id: str) -> None:
+    """Mark ``exc`` as the end of buried job ``job_id`` (the mark pickles with the
+    exception; it names the job, so a shared exception instance marks no other job)."""
     try:
-        setattr(exc, BURIED_MARK, True)
-    except Exception:  # an exception class that takes no attributes: reported unmarked
+        setattr(exc, BURIED_MARK, job_id)
+    except Exception:  # an exception class that takes no attributes: see is_buried
         logger.debug("cannot mark %r as buried", exc)
 
 
-def is_buried(exc: BaseException) -> bool:
-    return getattr(exc, BURIED_MARK, False) is True
+def is_buried(task: Any, exc: BaseException, job_id: str) -> bool:
+    """Whether the failure ``exc`` of job ``job_id`` buried it: its mark, or, for a
+    retryable task whose exception lost it (Celery replaces an exception that does not
+    pickle back), the buried record in Redis."""
+    mark = getattr(exc, BURIED_MARK, None)
+    if isinstance(mark, str):
+        return mark == job_id
+    if not getattr(task, "retryable", False):
+        return False
+    try:
+        return runtime(task.app).store.is_buried(job_id)
+    except Exception:
+        return False
 
 
 def record(task: Any, job: Job, context: Any, error: BaseException, traceback: str | None,

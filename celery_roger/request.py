@@ -112,7 +112,8 @@ class RogerRequest(Request):
         exc = _unwrap(exc_info.exception)
         failure: Exception | None = None
         watch = self.roger_watch
-        if is_buried(exc):
+        if send_failed_event and self.task.send_events and self._eventer is not None and \
+                self._eventer.enabled and is_buried(self.task, exc, self.id):
             watch.buried = True
         # Killed without a revoke or a cancel aimed at it (roger's lease kill, or a kill
         # by hand): a crash of this attempt, never REVOKED and never a cancellation.

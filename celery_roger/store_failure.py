@@ -70,3 +70,7 @@ class FailureStore(StoreBase):
                 "purge_buried", dict(queue=queue), keys={"buried_queue": self.buried_key(queue)}
             )
         )
+
+    def is_buried(self, job_id: str) -> bool:
+        """Whether ``job_id`` is in the buried queue."""
+        return bool(self.redis.hexists(self.k_buried_msg, job_id))

@@ -59,12 +59,14 @@ for _, job in ipairs(ids(A.parked)) do
     and redis.call('HGET', K.msg, job)
   local header = stored and roger_header(stored_object(K.msg, job, stored))
   if header and header.q == queue then
+    -- Only a job still in its line: a promoted one (its message kept in msg until it is
+    -- admitted) is in the broker or a worker's hands already, and keeps its keys.
     if str(header.ek) and redis.call('LREM', A.prefix .. 'parked:' .. header.ek, 0, job) > 0 then
       redis.call('HINCRBY', K.parked_count, queue, -1)
       parked = parked + 1
+      redis.call('HDEL', K.msg, job)
+      release_queue_key(K.qkeys, K.qk_pending, str(header.qk), job, K.qk_until)
     end
-    redis.call('HDEL', K.msg, job)
-    release_queue_key(K.qkeys, K.qk_pending, str(header.qk), job, K.qk_until)
   end
 end
 return {parked, held, retrying}
