@@ -18,7 +18,15 @@ from redis.exceptions import RedisError
 
 from . import events
 from .failure import refuse_wrong_partition
-from .job import Job, header_problem, is_roger_task, job_header, job_keys, small_arguments
+from .job import (
+    Job,
+    header_limit,
+    header_problem,
+    is_roger_task,
+    job_header,
+    job_keys,
+    small_arguments,
+)
 from .lifecycle import finish_job
 from .publish import capture
 from .queues import QueueControl
@@ -83,7 +91,7 @@ class Admission:
             admission = self.store.admit(
                 request.id, instance=self.instance, execution_key=ek, info=info,
                 message={**capture(request.message), **self.fuse.place(request.message)},
-                qk_release=header.get("qu") == "start",
+                qk_release=header.get("qu") == "start", limit=header_limit(header),
             )
         except RedisError as exc:
             return self._admit_later(request, exc)

@@ -53,11 +53,20 @@ def job_partition(request: Any) -> str | None:
     return partition if isinstance(partition, str) and partition else None
 
 
+def header_limit(header: dict[str, Any]) -> int:
+    """The execution limit a job was published with (``el``; 1 when absent or unsound)."""
+    value = header.get("el")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 \
+        else 1
+
+
 def _sound_field(name: str, value: Any) -> bool:
     if name in ("q", "qk", "ek", "p"):
         return isinstance(value, str)
     if name == "qu":
         return value == "start"
+    if name == "el":
+        return header_limit({"el": value}) == value
     if name == "at":
         return finite(value) is not None
     if name == "rc":
@@ -133,6 +142,8 @@ class Job:
     started_at: float = 0.0
     #: queue_key_until="start": the queue key goes as the attempt starts
     queue_key_at_start: bool = False
+    #: how many jobs of its execution key may run at once (execution_limit)
+    execution_limit: int = 1
 
     def header(self, retry_count: int, partition: str | None = None) -> dict[str, Any]:
         """This job's ``roger`` header, for publishing it again with ``retry_count`` in
@@ -146,6 +157,8 @@ class Job:
                 header["qu"] = "start"
         if self.execution_key:
             header["ek"] = self.execution_key
+            if self.execution_limit > 1:
+                header["el"] = self.execution_limit
         return header
 
     @classmethod
@@ -161,6 +174,7 @@ class Job:
             retry_count=_count(header.get("rc")) or 0, queued_at=finite(header.get("at")) or 0.0,
             started_at=time.time() if started_at is None else started_at,
             queue_key_at_start=header.get("qu") == "start",
+            execution_limit=header_limit(header),
         )
 
     @classmethod

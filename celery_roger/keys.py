@@ -145,7 +145,7 @@ def from_arguments(task: Any, spec: Any, args: tuple, kwargs: dict,
     names = [p for p, param in signature.parameters.items() if p in chosen.names] \
         if chosen.names is not None else [
             p for p, param in signature.parameters.items()  # an empty *args/**kw left out
-            if values[p] or param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)]
+            if param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or values[p]]
     body = ",".join(f"{json.dumps(p)}:{canonical(name, p, values[p])}" for p in names)
     key = f"{name}:{{{body}}}"
     data = key.encode("utf-8", errors="surrogatepass")
@@ -192,6 +192,9 @@ def validate(task_name: str, kind: str, value: Any) -> str | None:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise ValueError(f"{task_name}: {kind} is not valid UTF-8 text ({exc.reason})") from None
+    if kind == "execution_key" and "\x00" in value:
+        # NUL separates a key from its slot number (execution_limit, lib.lua).
+        raise ValueError(f"{task_name}: {kind} must not contain NUL ({value[:40]!r})")
     return value
 
 
@@ -215,3 +218,29 @@ def queue_key_until(task_name: str, value: Any) -> str | float:
         raise ValueError(f"{task_name}: queue_key_until must be a number of seconds > 0, "
                          f"got {value!r}")
     return float(value)
+
+
+#: What separates an execution key from its slot number in roger's ``holders`` (lib.lua).
+SLOT_SEPARATOR = "\x00#"
+
+
+def base_key(slot: str) -> str:
+    """The execution key of a slot name (``E``, or ``E\\0#i`` for slot i > 1)."""
+    return slot.split(SLOT_SEPARATOR, 1)[0]
+
+
+def slot_number(slot: str) -> int:
+    """The slot number of a slot name (1 for the key itself)."""
+    _, _, number = slot.partition(SLOT_SEPARATOR)
+    return int(number) if number.isdigit() else 1
+
+
+def execution_limit(task_name: str, value: Any) -> int:
+    """A valid ``execution_limit``: an int >= 1; else a TypeError/ValueError naming the
+    task and the option."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{task_name}: execution_limit must be an int >= 1, got "
+                        f"{type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{task_name}: execution_limit must be an int >= 1, got {value!r}")
+    return value

@@ -5,12 +5,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import contextvars
-import datetime
 import functools
-import inspect
 import logging
-import math
-import numbers
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -18,15 +14,21 @@ from typing import Any, NamedTuple
 from celery import Celery
 from celery.signals import before_task_publish
 from celery.utils import uuid
-from celery.utils.time import maybe_make_aware
-from dateutil.parser import isoparse
 from redis.exceptions import RedisError
 
 from . import canvas, events
 from .errors import DuplicateJob
+from .expiry import expires_in, expires_option
 from .fuse import FusedPublish, Refused, fusing
 from .job import HEADER, is_roger_task
-from .keys import ON_DUPLICATE, KeySpec, OnDuplicate, queue_key_until, validate
+from .keys import (
+    ON_DUPLICATE,
+    KeySpec,
+    OnDuplicate,
+    execution_limit,
+    queue_key_until,
+    validate,
+)
 from .kombu_guard import Delivery, after_flush, delivery
 from .runtime import runtime
 
@@ -48,12 +50,6 @@ _REPUBLISHING: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 #: fused script would see a "replay" and push nothing).
 _KEY_TAKEN: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "celery_roger_key_taken", default=None)
-
-#: Celery 5.7+ applies a registered task's own options (``expires`` among them) to a
-#: publish by name that omits them (its ``send_task`` tells an omitted option from None).
-_SEND_TASK_APPLIES_TASK_OPTIONS = \
-    inspect.signature(Celery.send_task).parameters["expires"].default is not None
-
 
 @contextlib.contextmanager
 def key_taken(job_id: str) -> Iterator[None]:
@@ -103,6 +99,7 @@ def publish(app: Celery, send: Callable, name: str, args: Any, kwargs: Any,
     headers = _without_callers_header(name, options)
     task = app.tasks.get(name)
     until = options.pop("queue_key_until", None)
+    limit = options.pop("execution_limit", None)
     if is_roger_task(task):
         queue_key, execution_key = task.roger_keys(
             tuple(args or ()), dict(kwargs or {}), queue_key=queue_key, execution_key=execution_key
@@ -121,21 +118,15 @@ def publish(app: Celery, send: Callable, name: str, args: Any, kwargs: Any,
             f"{name}: on_duplicate must be one of {ON_DUPLICATE}, got {on_duplicate!r}"
         )
     # Read as Celery reads it, before anything is taken or sent: a bad one raises here.
-    expires = expires_in(app, _expires_option(task, options), name)
+    expires = expires_in(app, expires_option(task, options), name)
     until = queue_key_until(name, until if until is not None
                             else getattr(task, "queue_key_until", "end"))
+    limit = execution_limit(name, limit if limit is not None
+                            else getattr(task, "execution_limit", 1))
 
-    settings = runtime(app).settings
     task_id = options["task_id"] = task_id or uuid()
-    job = {"q": _queue_name(app, name, args, kwargs, options), "at": time.time(),
-           "p": settings.partition}
-    if queue_key is not None:
-        job["qk"] = queue_key
-        if until == "start":
-            job["qu"] = "start"
-    if execution_key is not None:
-        job["ek"] = execution_key
-    options["headers"] = {**headers, HEADER: job}
+    options["headers"] = {**headers, HEADER: _header(
+        app, name, args, kwargs, options, queue_key, execution_key, until, limit)}
     if queue_key is None:
         return send(name, args, kwargs, **options)
     hold = Hold(expires, until if isinstance(until, float) else 0.0)
@@ -147,6 +138,23 @@ def publish(app: Celery, send: Callable, name: str, args: Any, kwargs: Any,
         return _duplicate(app, task, name, args, kwargs, options, queue_key, holder,
                           on_duplicate)
     return _send_holding(app, send, name, args, kwargs, options, queue_key, hold)
+
+
+def _header(app: Celery, name: str, args: Any, kwargs: Any, options: dict[str, Any],
+            queue_key: str | None, execution_key: str | None, until: str | float,
+            limit: int) -> dict[str, Any]:
+    """The ``roger`` header of a job published now (see job.HEADER)."""
+    job: dict[str, Any] = {"q": _queue_name(app, name, args, kwargs, options),
+                           "at": time.time(), "p": runtime(app).settings.partition}
+    if queue_key is not None:
+        job["qk"] = queue_key
+        if until == "start":
+            job["qu"] = "start"
+    if execution_key is not None:
+        job["ek"] = execution_key
+        if limit > 1:
+            job["el"] = limit
+    return job
 
 
 class Hold(NamedTuple):
@@ -304,53 +312,6 @@ def _no_broker_expiration(headers: Any = None, properties: Any = None, **_: Any)
     it revokes it (keys released, ``on_cancel`` once), as on Redis."""
     if isinstance(properties, dict) and isinstance((headers or {}).get(HEADER), dict):
         properties.pop("expiration", None)
-
-
-def _expires_option(task: Any, options: dict[str, Any]) -> Any:
-    """The ``expires`` Celery publishes the job with: the call's, else (a publish by name,
-    on a Celery that applies a registered task's options then) the task's own."""
-    if "expires" in options:
-        return options["expires"]
-    if _SEND_TASK_APPLIES_TASK_OPTIONS and options.get("task_type") is None:
-        return getattr(task, "expires", None)
-    return None
-
-
-def expires_in(app: Celery, expires: Any, name: str = "") -> float | None:
-    """Seconds from now until a job's ``expires``, read as Celery reads it, or None.
-
-    ``expires`` is seconds (a number), a ``datetime`` or an ISO 8601 string; a naive
-    datetime (or string without an offset) is UTC, as for Celery (which compares it with
-    the UTC time, and whose worker reads it as UTC). Anything else, a number that is not
-    finite, or a time out of ``datetime``'s range raises ValueError naming ``expires``.
-    """
-    if expires is None:
-        return None
-    what = f"{name}: expires" if name else "expires"
-    if isinstance(expires, numbers.Real) and not isinstance(expires, bool):
-        seconds = float(expires)
-        if not math.isfinite(seconds):
-            raise ValueError(f"{what} must be a finite number of seconds, got {expires!r}")
-        try:
-            app.now() + datetime.timedelta(seconds=seconds)
-        except OverflowError:
-            raise ValueError(f"{what} is out of range: {expires!r}") from None
-        return seconds
-    if isinstance(expires, str):
-        try:
-            when = isoparse(expires)
-        except (ValueError, OverflowError) as exc:
-            raise ValueError(
-                f"{what} is not an ISO 8601 date and time: {expires!r} ({exc})"
-            ) from None
-    elif isinstance(expires, datetime.datetime):
-        when = expires
-    else:
-        raise ValueError(
-            f"{what} must be seconds (a number), a datetime or an ISO 8601 string, got "
-            f"{type(expires).__name__} {expires!r}"
-        )
-    return (maybe_make_aware(when) - app.now()).total_seconds()
 
 
 def _queue_name(app: Celery, name: str, args: Any, kwargs: Any, options: dict[str, Any]) -> str:

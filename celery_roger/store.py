@@ -13,6 +13,7 @@ import uuid
 from typing import Any
 
 from .errors import OlderWorkersRunning
+from .keys import base_key
 from .records import (
     AdmitOutcome,
     DueRetry,
@@ -110,6 +111,7 @@ class Store(ControlStore, FailureStore):
         info: dict[str, Any],
         message: dict[str, Any],
         qk_release: bool = False,
+        limit: int = 1,
     ) -> AdmitOutcome:
         reply = self._run(
             "admit",
@@ -122,6 +124,7 @@ class Store(ControlStore, FailureStore):
                 queue=info.get("queue") or "",
                 qkey=info.get("qk") or "",
                 qk_release="1" if qk_release else "0",
+                limit=limit,
             ),
             keys={"parked": self.parked_key(execution_key)},
         )
@@ -147,7 +150,9 @@ class Store(ControlStore, FailureStore):
 
         ``instance``: the worker instance the attempt ran under; the finish does nothing if
         the job is recorded as running under another one (a stale attempt).
+        ``execution_key`` may be a slot name (execution_limit): its key's slot is found.
         """
+        execution_key = base_key(execution_key)
         reply = self._run(
             "finish",
             dict(

@@ -108,6 +108,8 @@ class StoreBase:
         self.k_workers = self.prefix + "workers"
         self.k_running = self.prefix + "running"
         self.k_holders = self.prefix + "holders"
+        self.k_slots = self.prefix + "slots"
+        self.k_limits = self.prefix + "limits"
         self.k_msg = self.prefix + "msg"
         self.k_promoting = self.prefix + "promoting"
         self.k_qkeys = self.prefix + "qkeys"

@@ -86,6 +86,8 @@ class RogerTask(Task, metaclass=RogerTaskType):
     #: new publish is accepted while it runs) or seconds (a throttle window counted from
     #: the accepted publish, and at least until the attempt ends).
     queue_key_until: ClassVar[str | float] = "end"
+    #: How many jobs of one execution key may run at once, cluster-wide.
+    execution_limit: ClassVar[int] = 1
     #: Retry on any failure (exception, timeout, crash) along ``retry_levels``.
     retryable: ClassVar[bool] = False
     #: Retry delays in seconds for this task; None = the ``roger_retry_levels`` setting.
@@ -109,6 +111,8 @@ class RogerTask(Task, metaclass=RogerTaskType):
         keys.check_declaration(cls, name, has_run=cls.run is not Task.run)
         if cls.__dict__.get("retry_levels") is not None:
             cls.retry_levels = retry_levels(f"{name}: retry_levels", cls.retry_levels)
+        if "execution_limit" in cls.__dict__:
+            cls.execution_limit = keys.execution_limit(name, cls.__dict__["execution_limit"])
         if "queue_key_until" in cls.__dict__:
             cls.queue_key_until = keys.queue_key_until(name, cls.__dict__["queue_key_until"])
         limit = cls.__dict__.get("max_execution_time")
@@ -261,7 +265,7 @@ class RogerTask(Task, metaclass=RogerTaskType):
         if attempt.decision.kind == "bury":
             # The worker's request reads the mark (across the pool's pipe: an exception
             # pickles its attributes) and reports the failure as "Buried: ...".
-            mark_buried(raised or exc)
+            mark_buried(raised or exc, request.id)
         if attempt.decision.kind == "cancelled":
             self._roger_cancelled(attempt, request, runtime(self.app).store.claim_cancel(
                 request.id))
@@ -311,7 +315,8 @@ class RogerTask(Task, metaclass=RogerTaskType):
                     shadow: str | None = None, *, queue_key: keys.KeySpec = UNSET,
                     execution_key: keys.KeySpec = UNSET,
                     on_duplicate: keys.OnDuplicate | None = None,
-                    queue_key_until: str | float | None = None, **options: Any) -> Any:
+                    queue_key_until: str | float | None = None,
+                    execution_limit: int | None = None, **options: Any) -> Any:
         """Celery's ``apply_async``, with roger's per-call options (keyword-only, typed)."""
         app = self._get_app()
         if app.conf.task_always_eager:
@@ -327,6 +332,8 @@ class RogerTask(Task, metaclass=RogerTaskType):
                 options["on_duplicate"] = on_duplicate
             if queue_key_until is not None:
                 options["queue_key_until"] = queue_key_until
+            if execution_limit is not None:
+                options["execution_limit"] = execution_limit
         return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow,
                                    **options)
 

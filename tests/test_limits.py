@@ -8,7 +8,7 @@ import pytest
 
 from celery_roger import DuplicateJob, Roger
 
-from .conftest import wait_until
+from .conftest import events, timeline, wait_until
 
 
 def test_queue_key_until_start_accepts_a_new_publish_once_the_job_runs(app_module, run,
@@ -84,3 +84,78 @@ def test_a_bad_queue_key_until_per_call_publishes_nothing(app_module, run):
     with pytest.raises(ValueError, match="queue_key_until must be"):
         app_module.fragile.apply_async((run, "x"), queue_key=f"{run}:k", queue_key_until=0)
     assert Roger(app_module.app).store.queue_key_holder(f"{run}:k") is None
+
+
+# -- execution_limit ------------------------------------------------------------------------
+
+
+def most_at_once(entries: list[dict]) -> int:
+    """The most jobs running at once, from the timeline's start/stop order."""
+    running, most = 0, 0
+    for e in entries:
+        running += 1 if e["event"] == "start" else -1 if e["event"] == "stop" else 0
+        most = max(most, running)
+    return most
+
+
+def test_execution_limit_3_runs_at_most_three_at_once_in_fifo_order(app_module, run, r,
+                                                                    worker):
+    key = f"{run}:tenant"
+    names = [f"j{i:02d}" for i in range(30)]
+    jobs = [app_module.step.apply_async((run, name, 0.3), execution_key=key,
+                                        execution_limit=3) for name in names]
+    store = Roger(app_module.app).store
+    worker(pool="prefork", concurrency=2)
+    # All 30 reach one worker first (parked jobs are acked at once): one arrival order.
+    wait_until(lambda: len(store.parked_ids(key)) >= 27 - len(events(r, run, "stop")),
+               timeout=30, what="the burst admitted by the first worker")
+    worker(pool="threads", concurrency=4)
+    for job in jobs:
+        job.get(timeout=60)
+    entries = timeline(r, run)
+    assert most_at_once(entries) == 3, "three at once, never more"
+    starts = [e for e in entries if e["event"] == "start"]
+    order = [e["name"] for e in starts]
+    assert sorted(order) == names
+    at = {e["name"]: e["t"] for e in starts}
+    # FIFO: a job never starts before one published ahead of it, except by the few ms
+    # between two promoted jobs that different workers picked up at once.
+    late = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
+            if at[b] < at[a] - 0.1]
+    assert not late, f"started out of order: {late[:5]}"
+    assert {e["pid"] for e in starts} and len({e["pid"] for e in starts}) > 1
+    wait_until(lambda: store.execution_key_holder(key) is None, timeout=5,
+               what="every slot released")
+    assert not store.redis.hlen(store.k_slots), "no slot record left"
+
+
+def test_a_sigkilled_worker_frees_its_slots_within_the_lease(app_module, run, r, worker):
+    lease = 3
+    env = {"ROGER_TEST_LEASE": str(lease)}
+    key = f"{run}:k"
+    doomed = worker(env=env, pool="prefork", concurrency=2)
+    holders = [app_module.step.apply_async((run, f"h{i}", 60), execution_key=key,
+                                           execution_limit=2) for i in range(2)]
+    wait_until(lambda: len(events(r, run, "start")) == 2, timeout=20,
+               what="both slots taken")
+    worker(env=env)
+    store = Roger(app_module.app).store
+    waiting = [app_module.step.apply_async((run, f"w{i}"), execution_key=key,
+                                           execution_limit=2) for i in range(2)]
+    wait_until(lambda: store.parked_ids(key) == [j.id for j in waiting], timeout=10,
+               what="parking behind the full key")
+    killed_at = time.time()
+    doomed.kill()
+    for job in waiting:
+        assert job.get(timeout=lease + 15) is not None
+    started = [e["t"] for e in events(r, run, "start") if e["name"].startswith("w")]
+    assert max(started) - killed_at < lease + 4, "both slots freed within the lease"
+    for job in holders:  # RabbitMQ redelivers them at once (late ack): stop them
+        Roger(app_module.app).cancel(job.id)
+
+
+def test_a_bad_execution_limit_publishes_nothing(app_module, run):
+    for bad, error in ((0, ValueError), (True, TypeError), (2.5, TypeError)):
+        with pytest.raises(error, match="execution_limit must be an int >= 1"):
+            app_module.step.apply_async((run, "x"), execution_key=f"{run}:k",
+                                        execution_limit=bad)

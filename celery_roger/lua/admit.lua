@@ -1,5 +1,5 @@
---! KEYS: workers running holders msg promoting parked cancelled cancel_reported paused parked_count stats qkeys qk_pending qk_until crash_checks crash_info
---! ARGV: job instance ek info message queue qkey qk_release
+--! KEYS: workers running holders slots limits msg promoting parked cancelled cancel_reported paused parked_count stats qkeys qk_pending qk_until crash_checks crash_info
+--! ARGV: job instance ek info message queue qkey qk_release limit
 -- Admit: the check a delivered job passes before it may run (worker main process).
 -- Checks the worker's lease, then either records the job as running (taking its
 -- execution key, or picking up the key handed to it on promotion), or parks it
@@ -30,21 +30,31 @@ local refused = arrival_check(job, A.queue, A.qkey, now, {
 if refused then return refused end
 
 if ekey ~= '' then
-  local holder = redis.call('HGET', K.holders, ekey)
-  -- The holder is this job only when the key was handed to it on promotion; a second
-  -- delivery of a job that is already running waits its turn like any other.
-  local mine = holder == job and redis.call('HEXISTS', K.running, job) == 0
-  if holder and not mine then
-    redis.call('HSET', K.msg, job, A.message)
-    local position = redis.call('RPUSH', K.parked, job)
-    redis.call('HINCRBY', K.parked_count, A.queue, 1)
-    return {'parked', position, holder}
-  end
-  if mine then
+  -- The job holds a slot only when one was handed to it on promotion; a second delivery
+  -- of a job that is already running waits its turn like any other.
+  local own = held_slot(K.holders, K.slots, ekey, job)
+  local running = redis.call('HEXISTS', K.running, job) == 1
+  if own and not running then
     redis.call('HDEL', K.msg, job)
     redis.call('ZREM', K.promoting, job)
   else
-    redis.call('HSET', K.holders, ekey, job)
+    -- A free slot within the key's limit, unless jobs are parked (no overtaking).
+    local free = nil
+    if not own and redis.call('LLEN', K.parked) == 0 then
+      local limit = key_limit(K.limits, ekey, A.limit)
+      for i = 1, limit do
+        local slot = slot_name(ekey, i)
+        if not redis.call('HGET', K.holders, slot) then free = slot break end
+      end
+    end
+    if not free then
+      redis.call('HSET', K.msg, job, A.message)
+      local position = redis.call('RPUSH', K.parked, job)
+      redis.call('HINCRBY', K.parked_count, A.queue, 1)
+      return {'parked', position, redis.call('HGET', K.holders, ekey) or ''}
+    end
+    redis.call('HSET', K.holders, free, job)
+    if free ~= ekey then redis.call('HSET', K.slots, job, free) end
   end
 end
 if A.qk_release == '1' then  -- queue_key_until="start": the key goes as the job starts

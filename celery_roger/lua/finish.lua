@@ -1,4 +1,4 @@
---! KEYS: running holders msg promoting qkeys qk_pending qk_until parked parked_count
+--! KEYS: running holders slots limits msg promoting qkeys qk_pending qk_until parked parked_count
 --! ARGV: job ek qkey grace_ms force instance
 -- Finish: a job's attempt ended (any outcome). Forget it as running, release its queue
 -- key and execution key (each only if this job holds it) and hand the execution key
@@ -26,9 +26,10 @@ if not force and A.instance ~= '' then
   local info = stored_object(K.running, job, redis.call('HGET', K.running, job))
   if info and str(info.instance) and info.instance ~= A.instance then return {0} end
 end
+-- The slot of the execution key this job holds (execution_limit: lib.lua), if any.
+local slot = ekey ~= '' and held_slot(K.holders, K.slots, ekey, job) or nil
 if not force then
-  if ekey ~= '' and redis.call('HEXISTS', K.running, job) == 0
-      and redis.call('HGET', K.holders, ekey) == job then
+  if slot and redis.call('HEXISTS', K.running, job) == 0 then
     -- A promoted job that ended before its admission (it expired, it was revoked): its
     -- stored message goes with it.
     redis.call('HDEL', K.msg, job)
@@ -42,13 +43,22 @@ if ekey == '' then
 end
 -- Forced (an operator's release): the next parked job starts even if the key has no
 -- holder any more (`holders` deleted by hand), so no line is stranded.
-if not force and redis.call('HGET', K.holders, ekey) ~= job then
+if force then
+  slot = slot or ekey
+elseif not slot then
+  return {removed}
+end
+redis.call('HDEL', K.slots, job)
+local limit, live = key_limit(K.limits, ekey, 1)
+if live and slot_index(slot) > limit then
+  -- Its key's limit was lowered live: this slot retires instead of being handed on.
+  redis.call('HDEL', K.holders, slot)
   return {removed}
 end
 while true do
   local nxt = redis.call('LPOP', K.parked)
   if not nxt then
-    redis.call('HDEL', K.holders, ekey)
+    redis.call('HDEL', K.holders, slot)
     return {removed}
   end
   local message = redis.call('HGET', K.msg, nxt)
@@ -56,7 +66,8 @@ while true do
   local queue = str(dig(decoded, 'headers', 'roger', 'q'))
   if queue then redis.call('HINCRBY', K.parked_count, queue, -1) end
   if decoded and type(decoded.body) == 'string' then
-    redis.call('HSET', K.holders, ekey, nxt)
+    redis.call('HSET', K.holders, slot, nxt)
+    if slot ~= ekey then redis.call('HSET', K.slots, nxt, slot) end
     if type(decoded.kombu_payload) == 'string' and type(decoded.kombu_list) == 'string'
         and decoded.kombu_list ~= '' then
       redis.call('RPUSH', decoded.kombu_list, decoded.kombu_payload)

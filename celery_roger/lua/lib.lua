@@ -22,6 +22,36 @@ local function release_queue_key(qkeys, qk_pending, qkey, job, qk_until)
   return true
 end
 
+-- Execution-key slots (execution_limit). Slot 1 of key E is E itself (so a key of limit
+-- 1 is stored as it always was); slot i > 1 is E .. "\0#" .. i (execution keys may not
+-- contain NUL). `holders` maps each held slot to its job; `slots` maps a job holding a
+-- slot above 1 to that slot. `limits` holds live limits (set_limit) that override the
+-- limit a job was published with.
+local function slot_name(ekey, i)
+  if i == 1 then return ekey end
+  return ekey .. '\0#' .. i
+end
+
+local function slot_index(slot)
+  local i = string.match(slot, '%z#(%d+)$')
+  return tonumber(i) or 1
+end
+
+-- The slot `job` holds of `ekey` (its name), or nil.
+local function held_slot(holders, slots, ekey, job)
+  local slot = redis.call('HGET', slots, job) or ekey
+  if redis.call('HGET', holders, slot) == job then return slot end
+  return nil
+end
+
+-- The limit of `ekey`: its live limit, else `given` (the job's own), at least 1.
+local function key_limit(limits, ekey, given)
+  local live = tonumber(redis.call('HGET', limits, ekey))
+  local limit = live or tonumber(given) or 1
+  if limit < 1 then limit = 1 end
+  return math.floor(limit), live ~= nil
+end
+
 -- Poison-proofing. Every key roger owns has one Redis type; a script finding a key of
 -- another type (written by hand, by another program, by an older bug) moves it aside
 -- before anything else, so no script fails half-way (Lua scripts do not roll back) and
@@ -29,7 +59,7 @@ end
 -- key, or key#field for one bad hash value), counted in stats (`quarantined`) and queued
 -- in `quarantine_log` for a worker to log once.
 local KEY_TYPES = {
-  workers = 'zset', running = 'hash', holders = 'hash', msg = 'hash', promoting = 'zset',
+  workers = 'zset', running = 'hash', holders = 'hash', slots = 'hash', limits = 'hash', msg = 'hash', promoting = 'zset',
   qkeys = 'hash', qk_pending = 'zset', qk_until = 'zset', retry = 'zset', retry_msg = 'hash',
   buried = 'zset', buried_msg = 'hash', buried_dropped = 'hash', buried_queues = 'set',
   cancelled = 'zset', cancel_reported = 'zset', cancel_reports = 'list', paused = 'hash',

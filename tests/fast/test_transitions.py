@@ -35,10 +35,11 @@ def entry(job: str, queue: str = "q", qk: str = "") -> dict:
             "options": {"task_id": job, "headers": {"roger": {"q": queue, "qk": qk}}}}
 
 
-def admit(store: Store, job: str, ek: str, instance: str = "w1", qk: str = "") -> str:
+def admit(store: Store, job: str, ek: str, instance: str = "w1", qk: str = "",
+          limit: int = 1) -> str:
     info = {"job": job, "instance": instance, "queue": "q", "ek": ek, "qk": qk}
     return store.admit(job, instance=instance, execution_key=ek, info=info,
-                       message=message(job, ek, qk=qk)).outcome
+                       message=message(job, ek, qk=qk), limit=limit).outcome
 
 
 # -- queue keys ---------------------------------------------------------------------------
@@ -280,3 +281,57 @@ def test_a_release_by_hand_ends_a_throttle_window(store):
     assert store.confirm_queue_key("k", "j2")
     store.finish("j2", queue_key="k")
     assert store.queue_key_holder("k") is None, "no window of j1 left over for j2"
+
+
+# -- execution_limit: slots of an execution key (issue 16) ---------------------------------
+
+
+def test_a_key_of_limit_3_runs_three_and_hands_each_freed_slot_to_the_next_in_line(store):
+    store.renew("w1", registered=False)
+    assert [admit(store, j, "e", limit=3) for j in "abc"] == ["run"] * 3
+    assert [admit(store, j, "e", limit=3) for j in "de"] == ["parked"] * 2
+    holders = store.redis.hgetall(store.k_holders)
+    assert sorted(v.decode() for v in holders.values()) == ["a", "b", "c"]
+    done = store.finish("b", execution_key="e", instance="w1")
+    assert done.promotion is not None and done.promotion.job_id == "d", "FIFO"
+    store.confirm_promoted("d")
+    assert admit(store, "d", "e", limit=3) == "run", "it picks up b's slot"
+    assert admit(store, "d", "e", limit=3) == "parked", "a second delivery waits its turn"
+    assert store.parked_ids("e") == ["e", "d"]
+    for job in "acd":
+        store.finish(job, execution_key="e", instance="w1")
+    # e and d's second copy were handed the slots of a and c; d's own slot is free
+    assert sorted(v.decode() for v in store.redis.hgetall(store.k_holders).values()) == \
+        ["d", "e"]
+    assert store.parked_ids("e") == []
+
+
+def test_a_new_job_never_overtakes_a_parked_one(store):
+    store.renew("w1", registered=False)
+    assert admit(store, "a", "e") == "run"
+    assert admit(store, "b", "e") == "parked"
+    # b was published with limit 1; c with limit 2 finds a free slot but b is first.
+    assert admit(store, "c", "e", limit=2) == "parked"
+    assert store.parked_ids("e") == ["b", "c"]
+
+
+def test_a_slot_above_a_lowered_live_limit_retires_when_its_job_ends(store):
+    store.renew("w1", registered=False)
+    assert [admit(store, j, "e", limit=3) for j in "abc"] == ["run"] * 3
+    assert admit(store, "d", "e", limit=3) == "parked"
+    store.redis.hset(store.k_limits, "e", 1)
+    assert store.finish("c", execution_key="e", instance="w1").promotion is None
+    assert store.finish("b", execution_key="e", instance="w1").promotion is None
+    done = store.finish("a", execution_key="e", instance="w1")
+    assert done.promotion is not None and done.promotion.job_id == "d"
+    assert store.redis.hlen(store.k_holders) == 1
+
+
+def test_an_operator_release_of_a_slot_name_finds_its_key(store):
+    store.renew("w1", registered=False)
+    assert [admit(store, j, "e", limit=2) for j in "ab"] == ["run"] * 2
+    assert admit(store, "c", "e", limit=2) == "parked"
+    slot = store.redis.hget(store.k_slots, "b").decode()
+    assert slot == "e\x00#2"
+    done = store.finish("b", execution_key=slot, instance="w1")
+    assert done.promotion is not None and done.promotion.job_id == "c"
