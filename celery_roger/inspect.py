@@ -15,9 +15,11 @@ from typing import Any
 from celery import Celery
 
 from . import store_reads as reads
-from .job import BuriedJob, job_header
+from .job import BuriedJob, header_limit, job_header
+from .keys import base_key, slot_number
 from .records import StoredJob
 from .store import Store
+from .store_lines import parked_place
 from .store_reads import LIST_CAP
 from .values import as_count, as_dict, as_key_or_none, as_str, as_time, as_time_ms
 
@@ -52,7 +54,8 @@ def info(app: Celery, store: Store) -> dict[str, Any]:
         found = o.running.get(holder)
         lease = o.leases.get((found or {}).get("instance") or "", {})
         keys_list.append({
-            "key": key, "holder": holder, "worker": found["worker"] if found else None,
+            "key": base_key(key), "slot": slot_number(key), "holder": holder,
+            "worker": found["worker"] if found else None,
             "since": found["admitted_at"] if found else None,
             "lease_expires": lease.get("lease_expires"),
             "worker_alive": lease.get("alive", False),
@@ -280,7 +283,7 @@ def _parked_view(store: Store, found: reads.JobRecords, view: dict[str, Any]) ->
         view["explanation"] = (f"execution key {ek!r} was handed to it; its message is "
                                "on its way to the broker")
         return True
-    place = reads.parked_place(store, ek, view["id"])
+    place = parked_place(store, ek, view["id"], header_limit(header))
     holder = place.holder_record
     alive = reads.lease_info(store, [holder["instance"]], found.now_ms).get(
         holder["instance"], {}) if holder and holder["instance"] else {}
@@ -291,6 +294,13 @@ def _parked_view(store: Store, found: reads.JobRecords, view: dict[str, Any]) ->
     where = (f" on {holder['worker']} ("
              + ("alive" if alive.get("alive") else "lease ended: it will be freed") + ")"
              if holder else "")
+    if place.limit > 1:
+        view.update(limit=place.limit, holders=place.holders)
+        view["explanation"] = (
+            f"parked: {len(place.holders)} of {place.limit} slots of execution key {ek!r} "
+            f"are held, by jobs {', '.join(place.holders)}; position {view['position']} of "
+            f"{view['parked']} in line")
+        return True
     view["explanation"] = (f"parked: execution key {ek!r} is held by job {place.holder}"
                            f"{where}; position {view['position']} of {view['parked']} in line")
     return True

@@ -229,6 +229,11 @@ def base_key(slot: str) -> str:
     return slot.split(SLOT_SEPARATOR, 1)[0]
 
 
+def slot_name(key: str, number: int) -> str:
+    """The name of slot ``number`` of execution key ``key`` in ``holders``."""
+    return key if number == 1 else f"{key}{SLOT_SEPARATOR}{number}"
+
+
 def slot_number(slot: str) -> int:
     """The slot number of a slot name (1 for the key itself)."""
     _, _, number = slot.partition(SLOT_SEPARATOR)

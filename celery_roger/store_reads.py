@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import redis
 
+from .keys import base_key
 from .records import text
 from .store import Store
 from .values import as_dict, as_int, as_key_or_none, as_str, as_time, as_time_ms, field_name
@@ -227,8 +228,8 @@ def _count_per_key_and_queue(store: Store, view: Overview, queues_buried: list[s
     reads.add(store.k_stats, None, "hget", "quarantined")
     if instances:
         reads.add(store.k_workers, [], "zmscore", instances)
-    for key in view.holders:
-        reads.add(store.parked_key(key), 0, "llen")
+    for key in view.holders:  # a slot's line is its key's (execution_limit)
+        reads.add(store.parked_key(base_key(key)), 0, "llen")
     for queue in queues_buried:
         reads.add(store.buried_key(queue), 0, "zcard")
     for queue in view.paused:
@@ -291,34 +292,6 @@ def job_records(store: Store, job_id: str) -> JobRecords:
         cancelled=live, cancelled_until=as_time_ms(cancelled) if live else None,
         cancel_reported=reported is not None, parked=decoded(parked, store.k_msg),
         promoting=promoting is not None, held=decoded(held, store.k_held_msg, True))
-
-
-@dataclass
-class ParkedPlace:
-    """A parked job's place: its key's holder (and the holder's running record) and its
-    position (from 1) in a line of ``parked`` jobs."""
-
-    holder: str
-    holder_record: dict[str, Any] | None
-    position: int | None
-    parked: int
-
-
-def parked_place(store: Store, execution_key: str, job_id: str) -> ParkedPlace:
-    holder = read(store.k_holders, lambda: store.execution_key_holder(execution_key),
-                  None) or ""
-    reads = Reads(store)
-    reads.add(store.k_running, None, "hget", holder)
-    reads.add(store.parked_key(execution_key), None, "lpos", job_id)
-    reads.add(store.parked_key(execution_key), 0, "llen")
-    holder_raw, found, parked = reads.execute()
-    record = store.decode(holder_raw, store.k_running, holder) if holder and holder_raw \
-        else None
-    position = as_int(found)
-    return ParkedPlace(holder=holder,
-                       holder_record=running_record(record) if record is not None else None,
-                       position=None if position is None else position + 1,
-                       parked=int(parked))
 
 
 # -- for the operator's actions (api.py) -------------------------------------------------

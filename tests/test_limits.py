@@ -144,6 +144,15 @@ def test_a_sigkilled_worker_frees_its_slots_within_the_lease(app_module, run, r,
                                            execution_limit=2) for i in range(2)]
     wait_until(lambda: store.parked_ids(key) == [j.id for j in waiting], timeout=10,
                what="parking behind the full key")
+    view = Roger(app_module.app).job(waiting[1].id)
+    assert view["state"] == "parked" and view["limit"] == 2, view
+    assert sorted(view["holders"]) == sorted(j.id for j in holders), view
+    assert view["explanation"].startswith(
+        f"parked: 2 of 2 slots of execution key {key!r} are held, by jobs "), view
+    assert "position 2 of 2 in line" in view["explanation"], view
+    keys = Roger(app_module.app).info()["execution_keys"]["keys"]
+    assert sorted((k["key"], k["slot"]) for k in keys if k["key"] == key) == \
+        [(key, 1), (key, 2)], keys
     killed_at = time.time()
     doomed.kill()
     for job in waiting:
