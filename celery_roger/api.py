@@ -13,6 +13,7 @@ from . import events, inspect, store_reads
 from .failure import send_entry
 from .install import install
 from .job import FRESH_ADMISSION_SECONDS, HEADER, BuriedJob, job_keys
+from .keys import execution_limit, validate
 from .lifecycle import finish_job, hand_off, publish_due
 from .runtime import runtime
 from .store import preview
@@ -20,6 +21,7 @@ from .store import preview
 logger = logging.getLogger("celery_roger")
 
 KEY_KINDS = ("queue", "execution")
+LIMIT_KINDS = ("execution",)
 PAUSE_SETTLE_SECONDS = 0.1  # > FRESH_ADMISSION_SECONDS
 #: The worker instance a purge finishes drained jobs under: none runs under it.
 PURGE_INSTANCE = "roger-purge"
@@ -53,6 +55,27 @@ class Roger:
         if promotion is not None:
             hand_off(self.app, promotion)
         return holder
+
+    def set_limit(self, kind: str, key: str, value: int | None) -> list[str]:
+        """Change the limit of ``key`` live, for the whole cluster (an incident knob):
+        ``kind`` "execution" (``value`` an int >= 1, its execution_limit); ``value`` None
+        returns the key to its jobs' own limit. A raised limit starts parked jobs at once
+        (returns their ids); a lowered one takes effect as running jobs end."""
+        if kind not in LIMIT_KINDS:
+            raise ValueError(f"kind must be one of {LIMIT_KINDS}, got {kind!r}")
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"key must be a non-empty str, got {key!r}")
+        validate("set_limit", "execution_key", key)
+        if value is not None:
+            value = execution_limit(f"set_limit({key!r})", value)
+        promotions = self.store.set_limit(key, value)
+        for promotion in promotions:
+            hand_off(self.app, promotion)
+        return [p.job_id for p in promotions]
+
+    def limits(self) -> dict[str, dict[str, int]]:
+        """The live limits set by ``set_limit``, by kind and key."""
+        return {"execution": self.store.limits()}
 
     def purge(self, queue: str) -> dict[str, int]:
         """Purge ``queue`` through roger; returns how many jobs were removed from each

@@ -170,6 +170,22 @@ def cancel(ctx: click.Context, job_ids: tuple[str, ...]) -> None:
 
 
 @roger.command()
+@click.argument("kind", type=click.Choice(["execution"]))
+@click.argument("key")
+@click.argument("value", type=click.IntRange(min=1), required=False)
+@click.option("--clear", is_flag=True, help="Back to the limit its jobs were published with.")
+@click.pass_context
+@_guard
+def limit(ctx: click.Context, kind: str, key: str, value: int | None, clear: bool) -> None:
+    """Change KEY's limit live, for the whole cluster (execution: its execution_limit)."""
+    if clear == (value is not None):
+        raise click.ClickException("give either VALUE or --clear")
+    started = _roger(ctx).set_limit(kind, key, None if clear else value)
+    click.echo(f"{kind} limit of {key!r}: " + ("cleared" if clear else str(value))
+               + (f"; started {len(started)} parked job(s)" if started else ""))
+
+
+@roger.command()
 @click.option("--kind", type=click.Choice(["queue", "execution"]), default=None,
               help="Which keys (default: both; --release: queue).")
 @click.option("--prefix", default=None, help="Only keys starting with this.")

@@ -67,6 +67,8 @@ def info(app: Celery, store: Store) -> dict[str, Any]:
         "queues": _queues(app, o, running_per_queue),
         "running": {"count": len(running_list), "jobs": running_list[:LIST_CAP]},
         "execution_keys": {"count": len(keys_list), "keys": keys_list[:LIST_CAP]},
+        # live limits (Roger.set_limit), by kind and key
+        "limits": {"execution": reads.read(store.k_limits, store.limits, {})},
         "queue_keys": {"count": o.qk_count,
                        "keys": [{"key": k, "holder": j}
                                 for k, j in sorted(o.qk_sample.items())][:LIST_CAP]},

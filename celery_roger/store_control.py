@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from .records import StoredJob, compact, dumps, text
+from .records import Promotion, StoredJob, compact, dumps, text
 from .store_base import StoreBase
 
 
@@ -143,6 +143,29 @@ class ControlStore(StoreBase):
             message = self.decode(raw, self.k_msg, text(job_id))
             if message is not None:
                 yield text(job_id), message
+
+    def set_limit(self, execution_key: str, limit: int | None) -> list[Promotion]:
+        """Set (None: clear) the live limit of ``execution_key``; returns the parked jobs
+        promoted into the slots a raised limit opened (set_limit.lua)."""
+        reply = self._run(
+            "set_limit",
+            dict(ekey=execution_key, limit="" if limit is None else int(limit),
+                 grace_ms=self.grace_ms),
+            keys={"parked": self.parked_key(execution_key)},
+        )
+        promotions = []
+        for i in range(0, len(reply), 3):
+            job_id = text(reply[i])
+            message = self.decode(reply[i + 1], self.k_msg, job_id)
+            if message is not None:
+                promotions.append(Promotion(job_id, message, pushed=text(reply[i + 2]) ==
+                                            "pushed"))
+        return promotions
+
+    def limits(self) -> dict[str, int]:
+        """The live execution limits, by key."""
+        return {text(k): int(v) for k, v in self.redis.hgetall(self.k_limits).items()
+                if text(v).isdigit()}
 
     def queue_key_holder(self, queue_key: str) -> str | None:
         holder = self.redis.hget(self.k_qkeys, queue_key)

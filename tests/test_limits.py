@@ -168,3 +168,31 @@ def test_a_bad_execution_limit_publishes_nothing(app_module, run):
         with pytest.raises(error, match="execution_limit must be an int >= 1"):
             app_module.step.apply_async((run, "x"), execution_key=f"{run}:k",
                                         execution_limit=bad)
+
+
+def test_a_live_limit_from_the_cli_starts_parked_jobs_at_once(app_module, run, r, worker,
+                                                              redis_url):
+    import subprocess
+    import sys
+
+    from .conftest import APPS
+    from .test_inspection import cli_env
+
+    key = f"{run}:incident"
+    worker(concurrency=4)
+    jobs = [app_module.step.apply_async((run, f"j{i}", 1.5), execution_key=key)
+            for i in range(4)]
+    roger = Roger(app_module.app)
+    wait_until(lambda: len(roger.store.parked_ids(key)) == 3, timeout=20, what="3 parked")
+    proc = subprocess.run([sys.executable, "-m", "celery", "-A", "roger_app", "roger",
+                           "limit", "execution", key, "3"], cwd=APPS,
+                          env=cli_env(redis_url, run), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "started 2 parked job(s)" in proc.stdout, proc.stdout
+    assert roger.info()["limits"]["execution"] == {key: 3}
+    for job in jobs:
+        job.get(timeout=30)
+    assert most_at_once(timeline(r, run)) == 3, "the two parked ones ran beside the first"
+    roger.set_limit("execution", key, None)
+    assert roger.info()["limits"]["execution"] == {}

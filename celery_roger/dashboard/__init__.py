@@ -100,6 +100,8 @@ class RogerCollector:
                                         stats.get("quarantined", 0)),
             "roger_orphaned_keys_total": ("queue keys released because their job was lost",
                                           stats.get("orphaned_keys", 0)),
+            "roger_live_limited_keys": ("execution keys whose limit was changed live",
+                                        len(info.get("limits", {}).get("execution", {}))),
         }
         for name, (doc, value) in singles.items():
             gauge = GaugeMetricFamily(name, doc, labels=["partition"])

@@ -55,27 +55,8 @@ if live and slot_index(slot) > limit then
   redis.call('HDEL', K.holders, slot)
   return {removed}
 end
-while true do
-  local nxt = redis.call('LPOP', K.parked)
-  if not nxt then
-    redis.call('HDEL', K.holders, slot)
-    return {removed}
-  end
-  local message = redis.call('HGET', K.msg, nxt)
-  local decoded = stored_object(K.msg, nxt, message)
-  local queue = str(dig(decoded, 'headers', 'roger', 'q'))
-  if queue then redis.call('HINCRBY', K.parked_count, queue, -1) end
-  if decoded and type(decoded.body) == 'string' then
-    redis.call('HSET', K.holders, slot, nxt)
-    if slot ~= ekey then redis.call('HSET', K.slots, nxt, slot) end
-    if type(decoded.kombu_payload) == 'string' and type(decoded.kombu_list) == 'string'
-        and decoded.kombu_list ~= '' then
-      redis.call('RPUSH', decoded.kombu_list, decoded.kombu_payload)
-      return {removed, nxt, message, 'pushed'}
-    end
-    redis.call('ZADD', K.promoting, now_ms() + tonumber(A.grace_ms), nxt)
-    return {removed, nxt, message, 'publish'}
-  elseif decoded then
-    quarantine_field(K.msg, nxt, message, 'a parked message without a body')
-  end
-end
+local nxt, message, how = hand_on({
+  parked = K.parked, msg = K.msg, parked_count = K.parked_count, holders = K.holders,
+  slots = K.slots, promoting = K.promoting}, ekey, slot, tonumber(A.grace_ms))
+if not nxt then return {removed} end
+return {removed, nxt, message, how}

@@ -272,3 +272,35 @@ end
 local function holder_accounted(k, job)
   return redis.call('HEXISTS', k.running, job) == 1 or redis.call('ZSCORE', k.promoting, job)
 end
+
+-- Hand `slot` of execution key `ekey` to the next parked job that has a message to run
+-- (finish.lua, set_limit.lua); or free the slot when none is left. Returns the job, its
+-- stored message and 'pushed' (its kombu payload was pushed back to its broker list here:
+-- fuse.py) or 'publish' (the caller publishes it, then confirms it: `promoting`); or nil.
+-- k: {parked, msg, parked_count, holders, slots, promoting} key names.
+local function hand_on(k, ekey, slot, grace_ms)
+  while true do
+    local nxt = redis.call('LPOP', k.parked)
+    if not nxt then
+      redis.call('HDEL', k.holders, slot)
+      return nil
+    end
+    local message = redis.call('HGET', k.msg, nxt)
+    local decoded = stored_object(k.msg, nxt, message)
+    local queue = str(dig(decoded, 'headers', 'roger', 'q'))
+    if queue then redis.call('HINCRBY', k.parked_count, queue, -1) end
+    if decoded and type(decoded.body) == 'string' then
+      redis.call('HSET', k.holders, slot, nxt)
+      if slot ~= ekey then redis.call('HSET', k.slots, nxt, slot) end
+      if type(decoded.kombu_payload) == 'string' and type(decoded.kombu_list) == 'string'
+          and decoded.kombu_list ~= '' then
+        redis.call('RPUSH', decoded.kombu_list, decoded.kombu_payload)
+        return nxt, message, 'pushed'
+      end
+      redis.call('ZADD', k.promoting, now_ms() + grace_ms, nxt)
+      return nxt, message, 'publish'
+    elseif decoded then
+      quarantine_field(k.msg, nxt, message, 'a parked message without a body')
+    end
+  end
+end

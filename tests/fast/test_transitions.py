@@ -335,3 +335,17 @@ def test_an_operator_release_of_a_slot_name_finds_its_key(store):
     assert slot == "e\x00#2"
     done = store.finish("b", execution_key=slot, instance="w1")
     assert done.promotion is not None and done.promotion.job_id == "c"
+
+
+def test_a_raised_live_limit_starts_parked_jobs_at_once_and_a_clear_forgets_it(store):
+    store.renew("w1", registered=False)
+    assert admit(store, "a", "e") == "run"
+    assert [admit(store, j, "e") for j in "bcd"] == ["parked"] * 3
+    promoted = store.set_limit("e", 3)
+    assert [p.job_id for p in promoted] == ["b", "c"], "two free slots, in line order"
+    assert store.limits() == {"e": 3}
+    for job in "bc":
+        store.confirm_promoted(job)
+        assert admit(store, job, "e") == "run"
+    assert store.parked_ids("e") == ["d"]
+    assert store.set_limit("e", None) == [] and store.limits() == {}
