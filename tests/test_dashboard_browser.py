@@ -39,21 +39,26 @@ def click_fresh(find, what):
     wait_until(attempt, timeout=15, what=what)
 
 
-@pytest.fixture
-def browser():
-    if not (os.path.exists(CHROMEDRIVER) and os.path.exists(CHROMIUM)):
-        if os.environ.get("CI"):
-            pytest.fail("CI needs chromium and chromium-driver (.ci/run installs them)")
-        pytest.skip("no chromium/chromedriver here: apt-get install chromium chromium-driver")
+def chromium(width: int = 1280, height: int = 900):
+    """A headless Chromium (Debian's, through chromium-driver)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1280,900"):
+                f"--window-size={width},{height}"):
         options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+@pytest.fixture
+def browser():
+    if not (os.path.exists(CHROMEDRIVER) and os.path.exists(CHROMIUM)):
+        if os.environ.get("CI"):
+            pytest.fail("CI needs chromium and chromium-driver (.ci/run installs them)")
+        pytest.skip("no chromium/chromedriver here: apt-get install chromium chromium-driver")
+    driver = chromium()
     yield driver
     driver.quit()
 

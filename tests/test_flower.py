@@ -150,18 +150,10 @@ def _state(flower: str, job_id: str) -> str | None:
 
 
 def _screenshots(flower: str, into: Path, job_id: str) -> None:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    from .test_dashboard_browser import CHROMEDRIVER, CHROMIUM
+    from .test_dashboard_browser import chromium
 
     into.mkdir(parents=True, exist_ok=True)
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1400,900"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = chromium(1400, 900)
     try:
         driver.get(f"{flower}/tasks")
         wait_until(lambda: job_id in driver.page_source, timeout=20, what="the task list")
