@@ -105,7 +105,9 @@ def test_execution_limit_3_runs_at_most_three_at_once_in_fifo_order(app_module, 
     jobs = [app_module.step.apply_async((run, name, 0.3), execution_key=key,
                                         execution_limit=3) for name in names]
     store = Roger(app_module.app).store
-    worker(pool="prefork", concurrency=2)
+    # Each worker has more pool processes than the key has slots, so a job handed a slot
+    # never waits for a pool process (its start would then lag behind later ones).
+    worker(pool="prefork", concurrency=4)
     # All 30 reach one worker first (parked jobs are acked at once): one arrival order.
     wait_until(lambda: len(store.parked_ids(key)) >= 27 - len(events(r, run, "stop")),
                timeout=30, what="the burst admitted by the first worker")
