@@ -25,6 +25,7 @@ from typing import Any
 from celery import Celery
 
 from . import events
+from .keys import base_key
 
 logger = logging.getLogger("celery_roger")
 
@@ -101,6 +102,10 @@ def check_suspects(app: Celery, store: Any, suspects: list[tuple[str, str, str]]
         if outcome == 0:
             continue
         acted += 1
+        if kind == "e":
+            # The sweep sees slots (execution_limit): ``E`` or ``E\0#i``; logs, events and
+            # finish speak of the key.
+            key = base_key(key)
         if outcome == 1:
             logger.error(
                 "Released queue key %r: its job %s was nowhere (not in the broker, not "
