@@ -13,7 +13,8 @@ from kombu.utils import json as kombu_json
 from .values import as_key_or_none
 
 #: The message header roger adds at publish: {"q": queue, "at": publish time, "p": roger
-#: partition, "qk": queue key, "ek": execution key, "rc": retry count}. Only roger writes
+#: partition, "qk": queue key, "ek": execution key, "rc": retry count, "qu": "start" for
+#: queue_key_until="start", "el": execution_limit above 1}. Only roger writes
 #: it: a caller's own ``roger`` header is replaced at publish. A worker refuses a job whose
 #: ``p`` names another partition than its own (a job without ``p`` runs anywhere).
 HEADER = "roger"
