@@ -22,15 +22,16 @@ from .job import (
     Job,
     header_limit,
     header_problem,
+    header_rate,
     is_roger_task,
     job_header,
     job_keys,
     small_arguments,
 )
-from .lifecycle import finish_job
+from .lifecycle import RATE_OPENED, finish_job, hand_off
 from .publish import capture
 from .queues import QueueControl
-from .runtime import runtime
+from .runtime import healer_of, runtime
 
 logger = logging.getLogger("celery_roger")
 
@@ -58,6 +59,8 @@ class Admission:
         #: set to have the healing thread report what this loop queued (healer.py)
         self.wakeup = threading.Event()
         self.queues = QueueControl(consumer, app)
+        #: rate key -> when (monotonic) this loop's timer looks at its line next
+        self.rate_timers: dict[str, float] = {}
 
     def __call__(self, request: Any) -> Any:
         if not is_roger_task(request.task):
@@ -74,11 +77,12 @@ class Admission:
             return self._drop(request)
         ek, qk = job_keys(request.request_dict)
         request._request_dict["roger_instance"] = self.instance
-        if not ek:
-            # Nothing to park it behind: it is admitted by its start check, in the job's
-            # own process, so this event loop makes no Redis call for it.
-            return self.handle(request)
         header = job_header(request.request_dict)
+        rate = header_rate(header)
+        if not ek and rate is None:
+            # Nothing to wait for: it is admitted by its start check, in the job's own
+            # process, so this event loop makes no Redis call for it.
+            return self.handle(request)
         queue = header.get("q")
         info = {
             "job": request.id, "task": request.name, "instance": self.instance,
@@ -92,6 +96,7 @@ class Admission:
                 request.id, instance=self.instance, execution_key=ek, info=info,
                 message={**capture(request.message), **self.fuse.place(request.message)},
                 qk_release=header.get("qu") == "start", limit=header_limit(header),
+                rate=rate,
             )
         except RedisError as exc:
             return self._admit_later(request, exc)
@@ -130,6 +135,8 @@ class Admission:
                         queue)
             events.step(self.app, "held", request.id, queue=queue)
             return self._drop(request)
+        if admission.outcome == "ratewait":
+            return self._wait_rate(request, admission)
         logger.info(
             "Parked job %s[%s]: execution key %r is held by %s (position %d)",
             request.name, request.id, ek, admission.holder, admission.position,
@@ -137,6 +144,53 @@ class Admission:
         events.step(self.app, "parked", request.id, execution_key=ek, holder=admission.holder,
                     position=admission.position)
         return self._drop(request)
+
+    def _wait_rate(self, request: Any, admission: Any) -> None:
+        """The job waits on its rate key's line: look at the line when the window opens."""
+        rate_key = job_header(request.request_dict)["rk"]
+        logger.info("Job %s[%s] waits for rate key %r: its window is full (position %d; "
+                    "it may open in %.2fs)", request.name, request.id, rate_key,
+                    admission.position, admission.opens_in)
+        events.step(self.app, "parked", request.id, rate_key=rate_key,
+                    position=admission.position)
+        if admission.promotion is not None:  # the execution slot it gave up goes on
+            self._send(admission.promotion)
+        self.wake_rate(rate_key, admission.opens_in)
+        return self._drop(request)
+
+    def wake_rate(self, rate_key: str, delay: float) -> None:
+        """Have this loop's timer move ``rate_key``'s line in ``delay`` seconds (unless it
+        will sooner). A tick does it if this worker is gone (healer.py)."""
+        at = time.monotonic() + delay
+        scheduled = self.rate_timers.get(rate_key)
+        if scheduled is not None and scheduled <= at:
+            return
+        self.rate_timers[rate_key] = at
+        self.consumer.timer.call_after(delay, self._rate_due, (rate_key, at))
+
+    def _rate_due(self, rate_key: str, at: float) -> None:
+        if self.rate_timers.get(rate_key) != at:
+            return  # a sooner timer took its place
+        del self.rate_timers[rate_key]
+        try:
+            woke = self.store.rate_wake(rate_key)
+        except RedisError as exc:
+            logger.warning("roger: cannot move the line of rate key %r (%s); a tick will",
+                           rate_key, exc)
+            return
+        for promotion in woke.promotions:
+            self._send(promotion, RATE_OPENED)
+        if woke.next_in is not None:
+            self.wake_rate(rate_key, woke.next_in)
+
+    def _send(self, promotion: Any, why: str | None = None) -> None:
+        """Send a promoted job from the publishing thread (here if there is none)."""
+        healer = healer_of(self.app)
+        args = (promotion,) if why is None else (promotion, why)
+        if healer is not None:
+            healer.hand_off(*args)
+        else:
+            hand_off(self.app, *args)
 
     def _drop(self, request: Any) -> None:
         """The job is kept in Redis (or cancelled): ack its message, free its slot."""

@@ -13,15 +13,15 @@ from . import events, inspect, store_reads
 from .failure import send_entry
 from .install import install
 from .job import FRESH_ADMISSION_SECONDS, HEADER, BuriedJob, job_keys
-from .keys import execution_limit, validate
-from .lifecycle import finish_job, hand_off, publish_due
+from .keys import execution_limit, rate, validate
+from .lifecycle import RATE_OPENED, finish_job, hand_off, publish_due
 from .runtime import runtime
 from .store import preview
 
 logger = logging.getLogger("celery_roger")
 
 KEY_KINDS = ("queue", "execution")
-LIMIT_KINDS = ("execution",)
+LIMIT_KINDS = ("execution", "rate")
 PAUSE_SETTLE_SECONDS = 0.1  # > FRESH_ADMISSION_SECONDS
 #: The worker instance a purge finishes drained jobs under: none runs under it.
 PURGE_INSTANCE = "roger-purge"
@@ -56,26 +56,34 @@ class Roger:
             hand_off(self.app, promotion)
         return holder
 
-    def set_limit(self, kind: str, key: str, value: int | None) -> list[str]:
+    def set_limit(self, kind: str, key: str, value: int | str | None) -> list[str]:
         """Change the limit of ``key`` live, for the whole cluster (an incident knob):
-        ``kind`` "execution" (``value`` an int >= 1, its execution_limit); ``value`` None
-        returns the key to its jobs' own limit. A raised limit starts parked jobs at once
-        (returns their ids); a lowered one takes effect as running jobs end."""
+        ``kind`` "execution" (``value`` an int >= 1, its execution_limit) or "rate"
+        (``value`` a rate, "N/s", "N/m" or "N/h"); ``value`` None returns the key to its
+        jobs' own limit. A raised limit starts waiting jobs at once (returns their ids); a
+        lowered one takes effect as running jobs end (execution) or from the next start
+        (rate)."""
         if kind not in LIMIT_KINDS:
             raise ValueError(f"kind must be one of {LIMIT_KINDS}, got {kind!r}")
         if not isinstance(key, str) or not key:
             raise ValueError(f"key must be a non-empty str, got {key!r}")
-        validate("set_limit", "execution_key", key)
-        if value is not None:
-            value = execution_limit(f"set_limit({key!r})", value)
-        promotions = self.store.set_limit(key, value)
+        label = f"set_limit({key!r})"
+        if kind == "rate":
+            validate("set_limit", "rate_key", key)
+            promotions = self.store.set_rate(key, None if value is None else rate(label, value))
+            why = RATE_OPENED
+        else:
+            validate("set_limit", "execution_key", key)
+            limit = None if value is None else execution_limit(label, value)
+            promotions = self.store.set_limit(key, limit)
+            why = "its execution key was handed to it"
         for promotion in promotions:
-            hand_off(self.app, promotion)
+            hand_off(self.app, promotion, why)
         return [p.job_id for p in promotions]
 
-    def limits(self) -> dict[str, dict[str, int]]:
-        """The live limits set by ``set_limit``, by kind and key."""
-        return {"execution": self.store.limits()}
+    def limits(self) -> dict[str, dict[str, Any]]:
+        """The live limits set by ``set_limit``, by kind and key (rates as "N/s" ...)."""
+        return {"execution": self.store.limits(), "rate": self.store.rates()}
 
     def purge(self, queue: str) -> dict[str, int]:
         """Purge ``queue`` through roger; returns how many jobs were removed from each

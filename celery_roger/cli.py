@@ -170,17 +170,26 @@ def cancel(ctx: click.Context, job_ids: tuple[str, ...]) -> None:
 
 
 @roger.command()
-@click.argument("kind", type=click.Choice(["execution"]))
+@click.argument("kind", type=click.Choice(["execution", "rate"]))
 @click.argument("key")
-@click.argument("value", type=click.IntRange(min=1), required=False)
+@click.argument("value", required=False)
 @click.option("--clear", is_flag=True, help="Back to the limit its jobs were published with.")
 @click.pass_context
 @_guard
-def limit(ctx: click.Context, kind: str, key: str, value: int | None, clear: bool) -> None:
-    """Change KEY's limit live, for the whole cluster (execution: its execution_limit)."""
+def limit(ctx: click.Context, kind: str, key: str, value: str | None, clear: bool) -> None:
+    """Change KEY's limit live, for the whole cluster (execution: its execution_limit, an
+    int; rate: its rate, N/s, N/m or N/h)."""
     if clear == (value is not None):
         raise click.ClickException("give either VALUE or --clear")
-    started = _roger(ctx).set_limit(kind, key, None if clear else value)
+    given: int | str | None = value
+    if kind == "execution" and value is not None:
+        if not value.isdigit() or int(value) < 1:
+            raise click.BadParameter(f"{value!r} is not an int >= 1", param_hint="VALUE")
+        given = int(value)
+    try:
+        started = _roger(ctx).set_limit(kind, key, None if clear else given)
+    except (TypeError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint="VALUE") from None
     click.echo(f"{kind} limit of {key!r}: " + ("cleared" if clear else str(value))
                + (f"; started {len(started)} parked job(s)" if started else ""))
 

@@ -24,7 +24,14 @@ from .admission import Admission
 from .failure import job_from_stored, request_from_stored
 from .job import Job, as_key, finite
 from .lease import UNREACHABLE, Lease, Offload
-from .lifecycle import finish_quietly, hand_off, publish_due, report_cancelled, report_crash
+from .lifecycle import (
+    RATE_OPENED,
+    finish_quietly,
+    hand_off,
+     publish_due,
+    report_cancelled,
+    report_crash,
+)
 from .request import kill_job
 from .store import Promotion, kombu_loads
 
@@ -161,6 +168,8 @@ class Healer:
         self._report_local()
         for promotion in result.republish:
             self.hand_off(promotion)
+        for rate_key in result.rate_keys:
+            self._guarded(f"move the line of rate key {rate_key!r}", self._rate_wake, rate_key)
         for queue_key in result.freed_queue_keys:
             logger.warning("Freed queue key %r: its publisher never confirmed the job", queue_key)
         if time.monotonic() >= self.reconcile_at:
@@ -187,10 +196,17 @@ class Healer:
         except Exception:
             logger.exception("roger: could not %s; going on with the rest", what)
 
-    def hand_off(self, promotion: Promotion) -> None:
+    def hand_off(self, promotion: Promotion,
+                 why: str = "its execution key was handed to it") -> None:
         """Publish a promoted job on the publishing thread."""
         self.publisher.submit(f"hand-off of job {promotion.job_id}", hand_off, self.app,
-                              promotion, key=promotion.job_id)
+                              promotion, why, key=promotion.job_id)
+
+    def _rate_wake(self, rate_key: str) -> None:
+        """Move a rate key's line whose window may have opened (its parking worker's
+        timer does this first; the tick is for lines whose worker is gone)."""
+        for promotion in self.store.rate_wake(rate_key).promotions:
+            self.hand_off(promotion, RATE_OPENED)
 
     def _release_held(self, queue: str) -> None:
         if self.store.resume(queue, release_only=True):

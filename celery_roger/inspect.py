@@ -15,11 +15,11 @@ from typing import Any
 from celery import Celery
 
 from . import store_reads as reads
-from .job import BuriedJob, header_limit, job_header
-from .keys import base_key, slot_number
+from .job import BuriedJob, header_limit, header_rate, job_header
+from .keys import base_key, rate_text, slot_number
 from .records import StoredJob
 from .store import Store
-from .store_lines import parked_place
+from .store_lines import parked_place, rate_place
 from .store_reads import LIST_CAP
 from .values import as_count, as_dict, as_key_or_none, as_str, as_time, as_time_ms
 
@@ -68,7 +68,8 @@ def info(app: Celery, store: Store) -> dict[str, Any]:
         "running": {"count": len(running_list), "jobs": running_list[:LIST_CAP]},
         "execution_keys": {"count": len(keys_list), "keys": keys_list[:LIST_CAP]},
         # live limits (Roger.set_limit), by kind and key
-        "limits": {"execution": reads.read(store.k_limits, store.limits, {})},
+        "limits": {"execution": reads.read(store.k_limits, store.limits, {}),
+                   "rate": reads.read(store.k_rate_limits, store.rates, {})},
         "queue_keys": {"count": o.qk_count,
                        "keys": [{"key": k, "holder": j}
                                 for k, j in sorted(o.qk_sample.items())][:LIST_CAP]},
@@ -280,10 +281,14 @@ def _parked_view(store: Store, found: reads.JobRecords, view: dict[str, Any]) ->
     ek = as_key_or_none(header.get("ek")) or ""
     view.update(task=as_str(headers.get("task")), queue=as_str(header.get("q")),
                 queue_key=as_key_or_none(header.get("qk")), execution_key=ek or None)
+    rated = header_rate(header)
     if found.promoting:
         view.update(state="promoted")
-        view["explanation"] = (f"execution key {ek!r} was handed to it; its message is "
-                               "on its way to the broker")
+        what = f"execution key {ek!r} was handed to it" if ek else \
+            f"rate {rated[0] if rated else ''!r} let it start"
+        view["explanation"] = f"{what}; its message is on its way to the broker"
+        return True
+    if rated is not None and _rate_view(store, rated, view):
         return True
     place = parked_place(store, ek, view["id"], header_limit(header))
     holder = place.holder_record
@@ -305,6 +310,20 @@ def _parked_view(store: Store, found: reads.JobRecords, view: dict[str, Any]) ->
         return True
     view["explanation"] = (f"parked: execution key {ek!r} is held by job {place.holder}"
                            f"{where}; position {view['position']} of {view['parked']} in line")
+    return True
+
+
+def _rate_view(store: Store, rated: tuple[str, int, int], view: dict[str, Any]) -> bool:
+    """A job waiting on its rate key's line (False: it is not on it)."""
+    place = rate_place(store, rated[0], view["id"], rated[1], rated[2])
+    if place is None:
+        return False
+    rate = rate_text(place.starts, place.window_ms)
+    view.update(state="parked", rate_key=rated[0], rate=rate, position=place.position,
+                parked=place.waiting, next_start_in=round(place.opens_in, 3))
+    view["explanation"] = (f"waiting for rate {rated[0]!r} {rate}: next start in "
+                           f"{place.opens_in:.1f} s; position {place.position} of "
+                           f"{place.waiting} in line")
     return True
 
 

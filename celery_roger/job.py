@@ -14,7 +14,8 @@ from .values import as_key_or_none
 
 #: The message header roger adds at publish: {"q": queue, "at": publish time, "p": roger
 #: partition, "qk": queue key, "ek": execution key, "rc": retry count, "qu": "start" for
-#: queue_key_until="start", "el": execution_limit above 1}. Only roger writes
+#: queue_key_until="start", "el": execution_limit above 1, "rk": rate key, "rl": its rate
+#: as [starts, window ms]}. Only roger writes
 #: it: a caller's own ``roger`` header is replaced at publish. A worker refuses a job whose
 #: ``p`` names another partition than its own (a job without ``p`` runs anywhere).
 HEADER = "roger"
@@ -61,7 +62,21 @@ def header_limit(header: dict[str, Any]) -> int:
         else 1
 
 
+def header_rate(header: dict[str, Any]) -> tuple[str, int, int] | None:
+    """(rate key, starts, window ms) a job was published with, or None (absent, unsound)."""
+    key, limit = header.get("rk"), header.get("rl")
+    if not isinstance(key, str) or not key or not isinstance(limit, list) or len(limit) != 2:
+        return None
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in limit):
+        return None
+    return key, limit[0], limit[1]
+
+
 def _sound_field(name: str, value: Any) -> bool:
+    if name == "rk":
+        return isinstance(value, str)
+    if name == "rl":
+        return header_rate({"rk": "k", "rl": value}) is not None
     if name in ("q", "qk", "ek", "p"):
         return isinstance(value, str)
     if name == "qu":
@@ -145,6 +160,15 @@ class Job:
     queue_key_at_start: bool = False
     #: how many jobs of its execution key may run at once (execution_limit)
     execution_limit: int = 1
+    #: its rate key and rate as (starts, window ms), if it has a rate
+    rate_key: str | None = None
+    rate: tuple[int, int] | None = None
+
+    @property
+    def admitted_by_worker(self) -> bool:
+        """Whether its worker's main process admits it (admission.py): a job that may have
+        to wait, on an execution key or a rate. Others are admitted as they start."""
+        return self.execution_key is not None or self.rate_key is not None
 
     def header(self, retry_count: int, partition: str | None = None) -> dict[str, Any]:
         """This job's ``roger`` header, for publishing it again with ``retry_count`` in
@@ -160,6 +184,8 @@ class Job:
             header["ek"] = self.execution_key
             if self.execution_limit > 1:
                 header["el"] = self.execution_limit
+        if self.rate_key and self.rate:
+            header["rk"], header["rl"] = self.rate_key, list(self.rate)
         return header
 
     @classmethod
@@ -167,6 +193,7 @@ class Job:
                     header: dict[str, Any], *, queue: str = "",
                     started_at: float | None = None) -> Job:
         q = header.get("q")
+        rated = header_rate(header)
         return cls(
             id=job_id, task=task, args=tuple(args or ()), kwargs=dict(kwargs or {}),
             queue=q if isinstance(q, str) and q else queue,
@@ -176,6 +203,7 @@ class Job:
             started_at=time.time() if started_at is None else started_at,
             queue_key_at_start=header.get("qu") == "start",
             execution_limit=header_limit(header),
+            rate_key=rated[0] if rated else None, rate=rated[1:] if rated else None,
         )
 
     @classmethod

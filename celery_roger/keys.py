@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 MAX_KEY_BYTES = 1024
 
-KINDS = ("queue_key", "execution_key")
+KINDS = ("queue_key", "execution_key", "rate_key")
 
 #: What publishing a job whose queue key is held does (task option, per call, setting).
 ON_DUPLICATE = ("raise", "existing")
@@ -249,3 +249,31 @@ def execution_limit(task_name: str, value: Any) -> int:
     if value < 1:
         raise ValueError(f"{task_name}: execution_limit must be an int >= 1, got {value!r}")
     return value
+
+
+#: A rate's window in milliseconds, by its unit (Celery's rate syntax: "N/s", "N/m", "N/h").
+RATE_UNITS = {"s": 1000, "m": 60_000, "h": 3_600_000}
+
+
+def rate(task_name: str, value: Any) -> tuple[int, int] | None:
+    """A valid ``rate`` as (starts, window in ms): ``"N/s"``, ``"N/m"`` or ``"N/h"`` with
+    N an int >= 1 (None: no rate); else a TypeError/ValueError naming the task and the
+    option."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{task_name}: rate must be a str like '10/s', '100/m' or '1000/h', "
+                        f"got {type(value).__name__} {value!r}")
+    count, _, unit = value.strip().partition("/")
+    if not count.strip().isdigit() or unit.strip() not in RATE_UNITS or int(count) < 1:
+        raise ValueError(f"{task_name}: rate must be 'N/s', 'N/m' or 'N/h' with N an int "
+                         f">= 1, got {value!r}")
+    return int(count), RATE_UNITS[unit.strip()]
+
+
+def rate_text(starts: int, window_ms: int) -> str:
+    """A rate as its users write it ("100/m"), or in ms when its window is not a unit."""
+    for unit, ms in RATE_UNITS.items():
+        if ms == window_ms:
+            return f"{starts}/{unit}"
+    return f"{starts}/{window_ms}ms"

@@ -28,7 +28,12 @@ from .values import as_key_or_none
 logger = logging.getLogger("celery_roger")
 
 
-def hand_off(app: Celery, promotion: Promotion) -> None:
+#: Why a job waiting on a rate was sent on (hand_off's log line).
+RATE_OPENED = "its rate's window opened"
+
+
+def hand_off(app: Celery, promotion: Promotion,
+             why: str = "its execution key was handed to it") -> None:
     """Publish a promoted job; if that fails, a worker's tick publishes it later."""
     store = runtime(app).store
     if not promotion.pushed:  # else finish.lua pushed it to its queue itself
@@ -41,7 +46,7 @@ def hand_off(app: Celery, promotion: Promotion) -> None:
             )
             return
         store.confirm_promoted(promotion.job_id)
-    logger.info("Promoted job %s: its execution key was handed to it", promotion.job_id)
+    logger.info("Promoted job %s: %s", promotion.job_id, why)
     events.step(app, "promoted", promotion.job_id)
 
 

@@ -27,6 +27,7 @@ from .keys import (
     OnDuplicate,
     execution_limit,
     queue_key_until,
+    rate,
     validate,
 )
 from .kombu_guard import Delivery, after_flush, delivery
@@ -100,17 +101,21 @@ def publish(app: Celery, send: Callable, name: str, args: Any, kwargs: Any,
     task = app.tasks.get(name)
     until = options.pop("queue_key_until", None)
     limit = options.pop("execution_limit", None)
+    rate_given, rate_key = options.pop("rate", UNSET), options.pop("rate_key", UNSET)
     if is_roger_task(task):
         queue_key, execution_key = task.roger_keys(
             tuple(args or ()), dict(kwargs or {}), queue_key=queue_key, execution_key=execution_key
         )
+        rated = task.roger_rate(tuple(args or ()), dict(kwargs or {}), rate_key=rate_key,
+                                rate=rate_given)
         on_duplicate = on_duplicate or task.on_duplicate
     else:
         queue_key = validate(name, "queue_key", None if queue_key is UNSET else queue_key)
         execution_key = validate(
             name, "execution_key", None if execution_key is UNSET else execution_key
         )
-        if queue_key is None and execution_key is None:
+        rated = _rate_by_name(name, rate_given, rate_key)
+        if queue_key is None and execution_key is None and rated is None:
             return send(name, args, kwargs, **options)
     on_duplicate = on_duplicate or runtime(app).settings.on_duplicate
     if on_duplicate not in ON_DUPLICATE:
@@ -126,7 +131,7 @@ def publish(app: Celery, send: Callable, name: str, args: Any, kwargs: Any,
 
     task_id = options["task_id"] = task_id or uuid()
     options["headers"] = {**headers, HEADER: _header(
-        app, name, args, kwargs, options, queue_key, execution_key, until, limit)}
+        app, name, args, kwargs, options, queue_key, execution_key, until, limit, rated)}
     if queue_key is None:
         return send(name, args, kwargs, **options)
     hold = Hold(expires, until if isinstance(until, float) else 0.0)
@@ -142,7 +147,7 @@ def publish(app: Celery, send: Callable, name: str, args: Any, kwargs: Any,
 
 def _header(app: Celery, name: str, args: Any, kwargs: Any, options: dict[str, Any],
             queue_key: str | None, execution_key: str | None, until: str | float,
-            limit: int) -> dict[str, Any]:
+            limit: int, rated: tuple[str, tuple[int, int]] | None) -> dict[str, Any]:
     """The ``roger`` header of a job published now (see job.HEADER)."""
     job: dict[str, Any] = {"q": _queue_name(app, name, args, kwargs, options),
                            "at": time.time(), "p": runtime(app).settings.partition}
@@ -154,7 +159,21 @@ def _header(app: Celery, name: str, args: Any, kwargs: Any, options: dict[str, A
         job["ek"] = execution_key
         if limit > 1:
             job["el"] = limit
+    if rated is not None:
+        job["rk"], job["rl"] = rated[0], list(rated[1])
     return job
+
+
+def _rate_by_name(name: str, rate_given: Any, rate_key: Any) -> tuple[str, tuple[int, int]] | None:
+    """A per-call rate of a job published by name (its task not registered here)."""
+    limit = rate(name, None if rate_given is UNSET else rate_given)
+    if limit is None:
+        return None
+    if rate_key is not UNSET and rate_key is not None and not isinstance(rate_key, str):
+        raise TypeError(f"{name}: rate_key of a job sent by name must be a str, got "
+                        f"{type(rate_key).__name__} {rate_key!r}")
+    key = validate(name, "rate_key", None if rate_key is UNSET else rate_key)
+    return key or name, limit
 
 
 class Hold(NamedTuple):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kombu.utils import json as kombu_json
@@ -17,13 +17,18 @@ logger = logging.getLogger("celery_roger")
 class AdmitOutcome:
     """What admit decided: ``"run"`` or ``"parked"`` (with position and holder)."""
 
-    #: "run", "parked", "cancelled" (position: 1 to report it), "paused", or "nolease"
+    #: "run", "parked" (behind an execution key's holders), "ratewait" (on its rate
+    #: key's line), "cancelled" (position: 1 to report it), "paused", or "nolease"
     #: (this worker's lease has run out: admit the job again later)
     outcome: str
     position: int = 0
     holder: str = ""
     #: A redelivered job's earlier attempt, whose worker died: to report as crashed.
     crashed: dict[str, Any] | None = None
+    #: "ratewait": seconds until its rate's window may open
+    opens_in: float = 0.0
+    #: "ratewait": the job handed the execution slot this one gave up, to send
+    promotion: Promotion | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,17 @@ class TickResult:
     crashed: list[dict[str, Any]]
     #: Values moved aside since the last tick (anywhere in the cluster): to log once.
     quarantined: list[dict[str, Any]]
+    #: Rate keys whose line may move now: run rate_wake for each.
+    rate_keys: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RateWake:
+    """What moving a rate key's line did: the jobs sent on, and when to look again
+    (seconds; None when the line is empty)."""
+
+    promotions: list[Promotion]
+    next_in: float | None
 
 
 def objects(replies: list[Any], *, kombu: bool = False) -> list[dict[str, Any]]:

@@ -112,7 +112,10 @@ class Store(ControlStore, FailureStore):
         message: dict[str, Any],
         qk_release: bool = False,
         limit: int = 1,
+        rate: tuple[str, int, int] | None = None,
     ) -> AdmitOutcome:
+        """Admit a delivered job (admit.lua). ``rate``: its (rate key, starts, window ms)."""
+        rk, starts, window = rate or ("", 1, 1000)
         reply = self._run(
             "admit",
             dict(
@@ -120,17 +123,22 @@ class Store(ControlStore, FailureStore):
                 instance=instance,
                 ek=execution_key,
                 info=compact(info),
-                message=compact(message) if execution_key else "",
+                message=compact(message) if execution_key or rk else "",
                 queue=info.get("queue") or "",
                 qkey=info.get("qk") or "",
                 qk_release="1" if qk_release else "0",
-                limit=limit,
+                limit=limit, rk=rk, rn=starts, rw=window, grace_ms=self.grace_ms,
             ),
-            keys={"parked": self.parked_key(execution_key)},
+            keys={"parked": self.parked_key(execution_key), "rate": self.rate_key(rk),
+                  "ratewait": self.ratewait_key(rk)},
         )
         outcome = text(reply[0])
         if outcome == "parked":
             return AdmitOutcome("parked", int(reply[1]), text(reply[2]))
+        if outcome == "ratewait":
+            promotion = self._promotion(reply[3:6]) if len(reply) > 3 else None
+            return AdmitOutcome(outcome, int(reply[1]), opens_in=int(reply[2]) / 1000,
+                                promotion=promotion)
         if outcome == "cancelled":
             return AdmitOutcome(outcome, position=int(reply[1]))
         if len(reply) > 1:
@@ -165,13 +173,8 @@ class Store(ControlStore, FailureStore):
             ),
             keys={"parked": self.parked_key(execution_key)},
         )
-        promotion = None
-        if len(reply) > 1:
-            message = self.decode(reply[2], self.k_msg, text(reply[1]))
-            if message is not None:
-                promotion = Promotion(text(reply[1]), message,
-                                      pushed=len(reply) > 3 and text(reply[3]) == "pushed")
-        return Finish(bool(int(reply[0])), promotion)
+        return Finish(bool(int(reply[0])), self._promotion(reply[1:4]) if len(reply) > 1
+                      else None)
 
     def confirm_promoted(self, job_id: str) -> None:
         """The promoted job's message is in the broker: it no longer needs republishing."""
@@ -245,6 +248,7 @@ class Store(ControlStore, FailureStore):
             stale,
             crashed,
             quarantined,
+            rate_keys,
         ) = self._run("tick", dict(grace_ms=self.grace_ms))
         promotions = []
         for i in range(0, len(republish), 2):
@@ -263,6 +267,7 @@ class Store(ControlStore, FailureStore):
             stale_paused=[text(q) for q in stale],
             crashed=objects(crashed),
             quarantined=objects(quarantined),
+            rate_keys=[text(k) for k in rate_keys],
         )
 
     def take_due(self, limit: int = 100) -> list[DueRetry]:

@@ -138,6 +138,8 @@ class StoreBase:
         self.k_sweep = self.prefix + "sweep"
         self.k_schema = self.prefix + "schema"
         self.k_fuse = self.prefix + "fuse"
+        self.k_rate_due = self.prefix + "rate_due"
+        self.k_rate_limits = self.prefix + "rate_limits"
         self.cancel_ttl_ms = int(settings.cancel_ttl * 1000)
         #: whether this partition's key names are known to be this version's (migrate)
         self.migrated = False
@@ -184,6 +186,14 @@ class StoreBase:
 
     def parked_key(self, execution_key: str) -> str:
         return f"{self.prefix}parked:{execution_key}"
+
+    def rate_key(self, rate_key: str) -> str:
+        """The window of a rate key: its recent starts and reservations (lib.lua)."""
+        return f"{self.prefix}rate:{rate_key}"
+
+    def ratewait_key(self, rate_key: str) -> str:
+        """The line of jobs waiting for a rate key's window to open."""
+        return f"{self.prefix}ratewait:{rate_key}"
 
     def held_key(self, queue: str) -> str:
         return f"{self.prefix}held:{queue}"

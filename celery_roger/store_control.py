@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from .records import Promotion, StoredJob, compact, dumps, text
+from .keys import rate_text
+from .records import Promotion, RateWake, StoredJob, compact, dumps, text
 from .store_base import StoreBase
 
 
@@ -161,6 +162,42 @@ class ControlStore(StoreBase):
                 promotions.append(Promotion(job_id, message, pushed=text(reply[i + 2]) ==
                                             "pushed"))
         return promotions
+
+    def _promotion(self, reply: list[Any]) -> Promotion | None:
+        """A promoted job from a script's (job, message, how) triple (None: unreadable)."""
+        job_id = text(reply[0])
+        message = self.decode(reply[1], self.k_msg, job_id)
+        if message is None:
+            return None
+        return Promotion(job_id, message, pushed=len(reply) > 2 and text(reply[2]) == "pushed")
+
+    def rate_wake(self, rate_key: str) -> RateWake:
+        """Move rate key ``rate_key``'s line as far as its window allows (rate_wake.lua)."""
+        promoted, next_ms = self._run(
+            "rate_wake", dict(rk=rate_key, grace_ms=self.grace_ms, reserve_ms=self.grace_ms),
+            keys={"rate": self.rate_key(rate_key), "ratewait": self.ratewait_key(rate_key)},
+        )
+        promotions = [self._promotion(promoted[i:i + 3]) for i in range(0, len(promoted), 3)]
+        return RateWake([p for p in promotions if p is not None],
+                        None if int(next_ms) < 0 else int(next_ms) / 1000)
+
+    def set_rate(self, rate_key: str, rate: tuple[int, int] | None) -> list[Promotion]:
+        """Set (None: clear) the live rate of ``rate_key`` as (starts, window ms); returns
+        the waiting jobs a raised rate let start at once."""
+        if rate is None:
+            self.redis.hdel(self.k_rate_limits, rate_key)
+        else:
+            self.redis.hset(self.k_rate_limits, rate_key, f"{rate[0]}/{rate[1]}")
+        return self.rate_wake(rate_key).promotions
+
+    def rates(self) -> dict[str, str]:
+        """The live rates, by key, as users write them ("100/m")."""
+        found = {}
+        for key, raw in self.redis.hgetall(self.k_rate_limits).items():
+            starts, _, window = text(raw).partition("/")
+            if starts.isdigit() and window.isdigit():
+                found[text(key)] = rate_text(int(starts), int(window))
+        return found
 
     def limits(self) -> dict[str, int]:
         """The live execution limits, by key."""

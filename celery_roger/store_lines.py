@@ -53,3 +53,40 @@ def parked_place(store: Store, execution_key: str, job_id: str,
                        holder_record=running_record(record) if record is not None else None,
                        position=None if position is None else position + 1,
                        parked=int(parked), limit=limit, holders=holders)
+
+
+@dataclass
+class RatePlace:
+    """A job waiting on a rate key's line: its position (from 1), how many wait, the
+    key's rate (live or the job's own) and seconds until its window has room."""
+
+    position: int
+    waiting: int
+    starts: int
+    window_ms: int
+    opens_in: float
+
+
+def rate_place(store: Store, rate_key: str, job_id: str, starts: int,
+               window_ms: int) -> RatePlace | None:
+    """Where ``job_id`` stands on ``rate_key``'s line (None: it is not on it)."""
+    live = read(store.k_rate_limits, lambda: store.redis.hget(store.k_rate_limits, rate_key),
+                None)
+    if live is not None:
+        given, _, window = text(live).partition("/")
+        if given.isdigit() and window.isdigit():
+            starts, window_ms = int(given), int(window)
+    reads = Reads(store)
+    reads.add(store.ratewait_key(rate_key), None, "lpos", job_id)
+    reads.add(store.ratewait_key(rate_key), 0, "llen")
+    reads.add(store.rate_key(rate_key), [], "zrange", 0, -1, withscores=True)
+    found, waiting, window_entries = reads.execute()
+    position = as_int(found)
+    if position is None:
+        return None
+    now_ms = store.redis_time_ms()
+    scores = sorted(score for _, score in window_entries if score > now_ms - window_ms)
+    opens_in = 0.0
+    if len(scores) >= starts:
+        opens_in = max(0.0, (scores[len(scores) - starts] + window_ms - now_ms) / 1000)
+    return RatePlace(position + 1, int(waiting), starts, window_ms, opens_in)

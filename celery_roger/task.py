@@ -88,6 +88,10 @@ class RogerTask(Task, metaclass=RogerTaskType):
     queue_key_until: ClassVar[str | float] = "end"
     #: How many jobs of one execution key may run at once, cluster-wide.
     execution_limit: ClassVar[int] = 1
+    #: At most N starts per window across the cluster ("N/s", "N/m", "N/h"), per rate key.
+    rate: ClassVar[str | None] = None
+    #: The key a ``rate`` counts starts under (a key spec); None: the task's name.
+    rate_key: ClassVar[Any] = None
     #: Retry on any failure (exception, timeout, crash) along ``retry_levels``.
     retryable: ClassVar[bool] = False
     #: Retry delays in seconds for this task; None = the ``roger_retry_levels`` setting.
@@ -113,6 +117,8 @@ class RogerTask(Task, metaclass=RogerTaskType):
             cls.retry_levels = retry_levels(f"{name}: retry_levels", cls.retry_levels)
         if "execution_limit" in cls.__dict__:
             cls.execution_limit = keys.execution_limit(name, cls.__dict__["execution_limit"])
+        if cls.__dict__.get("rate") is not None:
+            keys.rate(name, cls.__dict__["rate"])
         if "queue_key_until" in cls.__dict__:
             cls.queue_key_until = keys.queue_key_until(name, cls.__dict__["queue_key_until"])
         limit = cls.__dict__.get("max_execution_time")
@@ -181,15 +187,16 @@ class RogerTask(Task, metaclass=RogerTaskType):
                            kwargs: Any) -> None:
         """What changed since admission (a cancel, a pause of the job's queue), unless the
         job was admitted a moment ago (see FRESH_ADMISSION_SECONDS). A job without an
-        execution key is admitted here, in its own process, off the worker's event loop."""
+        execution key or rate key is admitted here, in its own process, off the worker's
+        event loop."""
         job = attempt.job
         admitted = getattr(request, "roger_admitted", None)
-        if job.execution_key is not None and isinstance(admitted, float) and \
+        if job.admitted_by_worker and isinstance(admitted, float) and \
                 time.monotonic() - admitted < FRESH_ADMISSION_SECONDS:
             return
         info = None
         instance = getattr(request, "roger_instance", None) or ""
-        if job.execution_key is None and instance:
+        if not job.admitted_by_worker and instance:
             info = {"job": job.id, "task": job.task, "instance": instance,
                     "worker": request.hostname, "pid": os.getpid(), "ek": "",
                     "qk": job.queue_key or "", "queue": job.queue,
@@ -310,19 +317,32 @@ class RogerTask(Task, metaclass=RogerTaskType):
         return (keys.validate(self.name, "queue_key", qk),
                 keys.validate(self.name, "execution_key", ek))
 
+    def roger_rate(self, args: tuple, kwargs: dict, *, rate_key: Any = UNSET,
+                   rate: Any = UNSET) -> tuple[str, tuple[int, int]] | None:
+        """The (rate key, (starts, window ms)) of a job with these arguments, or None when
+        it has no rate. The rate key defaults to the task's name."""
+        limit = keys.rate(self.name, self.rate if rate is UNSET else rate)
+        if limit is None:
+            return None
+        spec = self.rate_key if rate_key is UNSET else rate_key
+        key = keys.compute(spec, args, kwargs, self, "rate_key") if spec is not None else None
+        return keys.validate(self.name, "rate_key", key) or self.name, limit
+
     def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
                     producer: Any = None, link: Any = None, link_error: Any = None,
                     shadow: str | None = None, *, queue_key: keys.KeySpec = UNSET,
                     execution_key: keys.KeySpec = UNSET,
                     on_duplicate: keys.OnDuplicate | None = None,
                     queue_key_until: str | float | None = None,
-                    execution_limit: int | None = None, **options: Any) -> Any:
+                    execution_limit: int | None = None, rate: Any = UNSET,
+                    rate_key: keys.KeySpec = UNSET, **options: Any) -> Any:
         """Celery's ``apply_async``, with roger's per-call options (keyword-only, typed)."""
         app = self._get_app()
         if app.conf.task_always_eager:
             # Eager jobs run inline: keys are validated, but no roger state is touched.
             self.roger_keys(tuple(args or ()), dict(kwargs or {}),
                             queue_key=queue_key, execution_key=execution_key)
+            self.roger_rate(tuple(args or ()), dict(kwargs or {}), rate_key=rate_key, rate=rate)
         else:
             if queue_key is not UNSET:
                 options["queue_key"] = queue_key
@@ -334,6 +354,10 @@ class RogerTask(Task, metaclass=RogerTaskType):
                 options["queue_key_until"] = queue_key_until
             if execution_limit is not None:
                 options["execution_limit"] = execution_limit
+            if rate is not UNSET:
+                options["rate"] = rate
+            if rate_key is not UNSET:
+                options["rate_key"] = rate_key
         return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow,
                                    **options)
 

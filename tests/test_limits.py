@@ -198,3 +198,123 @@ def test_a_live_limit_from_the_cli_starts_parked_jobs_at_once(app_module, run, r
     assert most_at_once(timeline(r, run)) == 3, "the two parked ones ran beside the first"
     roger.set_limit("execution", key, None)
     assert roger.info()["limits"]["execution"] == {}
+
+
+# -- rate / rate_key ---------------------------------------------------------------------------
+
+
+def most_in_a_window(times: list[float], window: float) -> int:
+    """The most of ``times`` in any half-open interval [t, t + window)."""
+    times = sorted(times)
+    return max((sum(1 for u in times[i:] if u < t + window) for i, t in enumerate(times)),
+               default=0)
+
+
+def test_rate_5_per_second_across_two_workers(app_module, run, r, worker):
+    key = f"{run}:stripe"
+    worker(pool="prefork", concurrency=4)
+    worker(pool="threads", concurrency=4)
+    began = time.time()
+    jobs = [app_module.step.apply_async((run, f"r{i:02d}", 0.05), rate="5/s", rate_key=key)
+            for i in range(40)]
+    # Jobs of another key (and none) are not held back by this one's line.
+    others = [app_module.step.apply_async((run, f"o{i}", 0.05), rate="100/s",
+                                          rate_key=f"{run}:other") for i in range(10)]
+    others += [app_module.step.apply_async((run, f"n{i}", 0.05)) for i in range(5)]
+    for job in others:
+        job.get(timeout=30)
+    others_done = time.time()
+    for job in jobs:
+        job.get(timeout=60)
+    starts = [e for e in events(r, run, "start") if e["name"].startswith("r")]
+    times = [e["t"] for e in starts]
+    # A job's rate start is its admission; its body starts a few ms later in its pool.
+    assert most_in_a_window(times, 0.95) <= 5, sorted(times)
+    assert max(times) - min(times) >= 6.9, "40 starts at 5/s take at least 7 s"
+    assert others_done - began < 5, "the other keys' jobs ran at once"
+    assert len({e["pid"] for e in starts}) > 1, "both workers started rated jobs"
+    order = [e["name"] for e in sorted(starts, key=lambda e: e["t"])]
+    # FIFO by window: the five of one window start in any order, never a window early.
+    late = [n for i, n in enumerate(order) if abs(int(n[1:]) - i) >= 10]
+    assert not late, f"FIFO: {order}"
+    store = Roger(app_module.app).store
+    assert not store.redis.llen(store.ratewait_key(key)), "nobody left on the line"
+    assert store.redis.zscore(store.k_rate_due, key) is None, "the line is not due any more"
+
+
+def test_a_rate_with_an_execution_key_takes_both_or_neither(app_module, run, r, worker):
+    ek, rk = f"{run}:tenant", f"{run}:api"
+    worker(pool="threads", concurrency=6)
+    jobs = [app_module.step.apply_async((run, f"j{i:02d}", 0.3), execution_key=ek,
+                                        execution_limit=2, rate="3/s", rate_key=rk)
+            for i in range(12)]
+    for job in jobs:
+        job.get(timeout=60)
+    entries = timeline(r, run)
+    assert most_at_once(entries) <= 2, "the execution limit holds"
+    times = [e["t"] for e in entries if e["event"] == "start"]
+    assert most_in_a_window(times, 0.95) <= 3, sorted(times)
+    store = Roger(app_module.app).store
+    wait_until(lambda: store.execution_key_holder(ek) is None, timeout=5,
+               what="every slot released")
+    assert not store.redis.llen(store.ratewait_key(rk))
+
+
+def test_job_explains_a_wait_on_a_rate(app_module, run, worker):
+    key = f"{run}:slow"
+    roger = Roger(app_module.app)
+    worker(concurrency=2)
+    jobs = [app_module.step.apply_async((run, f"j{i}"), rate="1/m", rate_key=key)
+            for i in range(3)]
+    assert jobs[0].get(timeout=20) == "j0"
+    view = wait_until(lambda: (v := roger.job(jobs[2].id))["state"] == "parked" and v,
+                      timeout=20, what="the third waiting on the rate")
+    assert view["rate_key"] == key and view["rate"] == "1/m", view
+    assert view["explanation"].startswith(f"waiting for rate {key!r} 1/m: next start in "), view
+    assert "position 2 of 2" in view["explanation"], view
+    assert roger.cancel(jobs[1].id)
+    assert jobs[1].state == "REVOKED" or wait_until(lambda: jobs[1].state == "REVOKED",
+                                                    timeout=10, what="REVOKED")
+    assert roger.job(jobs[2].id)["position"] == 1
+
+
+def test_a_bad_rate_publishes_nothing(app_module, run):
+    for bad, error in (("0/s", ValueError), ("5/d", ValueError), ("fast", ValueError),
+                       (5, TypeError), ("2.5/s", ValueError)):
+        with pytest.raises(error, match="rate must be"):
+            app_module.step.apply_async((run, "x"), rate=bad)
+
+
+def test_a_live_rate_from_the_cli_starts_waiting_jobs_at_once(app_module, run, r, worker,
+                                                              redis_url):
+    import subprocess
+    import sys
+
+    from .conftest import APPS
+    from .test_inspection import cli_env
+
+    key = f"{run}:throttled"
+    worker(concurrency=4)
+    jobs = [app_module.step.apply_async((run, f"j{i}"), rate="1/h", rate_key=key)
+            for i in range(4)]
+    roger = Roger(app_module.app)
+    assert jobs[0].get(timeout=20) == "j0"
+    wait_until(lambda: roger.store.redis.llen(roger.store.ratewait_key(key)) == 3,
+               timeout=20, what="3 waiting on the rate")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "celery", "-A", "roger_app", "roger",
+                               "limit", "rate", key, *args], cwd=APPS,
+                              env=cli_env(redis_url, run), capture_output=True, text=True,
+                              timeout=60)
+
+    bad = cli("lots")
+    assert bad.returncode != 0 and "rate must be 'N/s', 'N/m' or 'N/h'" in bad.stderr, bad
+    proc = cli("100/s")
+    assert proc.returncode == 0, proc.stderr
+    assert "started 3 parked job(s)" in proc.stdout, proc.stdout
+    assert roger.info()["limits"]["rate"] == {key: "100/s"}
+    for job in jobs:
+        job.get(timeout=30)
+    assert cli("--clear").returncode == 0
+    assert roger.info()["limits"]["rate"] == {}

@@ -1,24 +1,30 @@
---! KEYS: workers running holders slots limits msg promoting parked cancelled cancel_reported paused parked_count stats qkeys qk_pending qk_until crash_checks crash_info
---! ARGV: job instance ek info message queue qkey qk_release limit
+--! KEYS: workers running holders slots limits msg promoting parked cancelled cancel_reported paused parked_count stats qkeys qk_pending qk_until crash_checks crash_info rate ratewait rate_limits rate_due
+--! ARGV: job instance ek info message queue qkey qk_release limit rk rn rw grace_ms
 -- Admit: the check a delivered job passes before it may run (worker main process).
--- Checks the worker's lease, then either records the job as running (taking its
--- execution key, or picking up the key handed to it on promotion), or parks it
--- behind the job holding the key.
+-- Checks the worker's lease, then either records the job as running (taking a slot of
+-- its execution key, or picking up the slot handed to it on promotion, and a start in
+-- its rate key's window), or parks it: behind the holders of its execution key
+-- (`parked`), or on its rate key's line (`ratewait`) when its window is full. A job
+-- with both takes both or neither: waiting on a rate it holds no slot.
 -- KEYS: workers (zset instance -> lease deadline ms), running (hash job -> info json),
---       holders (hash execution key -> job), msg (hash job -> message json),
---       promoting (zset job -> deadline), parked (list of job ids for this execution key),
---       cancelled (zset job -> expiry), cancel_reported (zset job -> expiry),
---       paused (hash queue -> info json), parked_count (hash queue -> parked jobs), stats,
---       qkeys, qk_pending, crash_checks, crash_info
--- ARGV: job id, worker instance, (unused), execution key or '', info json, message json,
---       queue, queue key or ''
+--       holders (hash slot -> job), slots, limits, msg (hash job -> message json),
+--       promoting (zset job -> deadline), parked (list: this execution key's line),
+--       cancelled, cancel_reported, paused, parked_count (hash queue -> parked jobs),
+--       stats, qkeys, qk_pending, qk_until, crash_checks, crash_info,
+--       rate (zset: this rate key's window), ratewait (list: its line), rate_limits,
+--       rate_due
+-- ARGV: job id, worker instance, execution key or '', info json, message json, queue,
+--       queue key or '', qk_release ('1': queue_key_until="start"), execution limit,
+--       rate key or '', its starts and window ms, grace_ms
 -- A cancelled job is refused first ({'cancelled', 1 if this call claims its on_cancel}),
 -- then a job of a paused queue ({'paused'}: the caller stores it for resume).
 -- Returns {'nolease'} (the caller admits it later), {'run'}, {'run', earlier attempt's
 -- record json} for a redelivered job whose earlier attempt's worker is dead (see
--- record_running in lib.lua), or {'parked', position, holder}.
+-- record_running in lib.lua), {'parked', position, holder}, or {'ratewait', position,
+-- ms until its window may open[, job, message, how]} (the last three: the job promoted
+-- to the execution slot this job gave up, which the caller sends as finish.lua's).
 local now = now_ms()
-local job, ekey = A.job, A.ek
+local job, ekey, rk = A.job, A.ek, A.rk
 -- Only under a live lease: a worker whose lease ran out (stopped, stalled) may have had
 -- its jobs taken for dead; it admits nothing until its lease thread has registered again.
 local lease = redis.call('ZSCORE', K.workers, A.instance)
@@ -27,35 +33,72 @@ if not lease or tonumber(lease) <= now then return {'nolease'} end
 local refused = arrival_check(job, A.queue, A.qkey, now, {
   qkeys = K.qkeys, qk_pending = K.qk_pending, cancelled = K.cancelled, cancel_reported = K.cancel_reported,
   stats = K.stats, paused = K.paused})
-if refused then return refused end
+if refused then
+  drop_reservation(K.rate, K.rate_due, rk, job)
+  return refused
+end
 
+local slot, own = nil, false
 if ekey ~= '' then
   -- The job holds a slot only when one was handed to it on promotion; a second delivery
   -- of a job that is already running waits its turn like any other.
-  local own = held_slot(K.holders, K.slots, ekey, job)
-  local running = redis.call('HEXISTS', K.running, job) == 1
-  if own and not running then
+  slot = held_slot(K.holders, K.slots, ekey, job)
+  own = slot ~= nil and redis.call('HEXISTS', K.running, job) == 0
+  if own then
     redis.call('HDEL', K.msg, job)
     redis.call('ZREM', K.promoting, job)
   else
     -- A free slot within the key's limit, unless jobs are parked (no overtaking).
-    local free = nil
-    if not own and redis.call('LLEN', K.parked) == 0 then
+    slot = nil
+    if redis.call('LLEN', K.parked) == 0 then
       local limit = key_limit(K.limits, ekey, A.limit)
       for i = 1, limit do
-        local slot = slot_name(ekey, i)
-        if not redis.call('HGET', K.holders, slot) then free = slot break end
+        local free = slot_name(ekey, i)
+        if not redis.call('HGET', K.holders, free) then slot = free break end
       end
     end
-    if not free then
+    if not slot then
+      -- (a job promoted from its rate line gives its reservation back: it waits here)
+      drop_reservation(K.rate, K.rate_due, rk, job)
       redis.call('HSET', K.msg, job, A.message)
       local position = redis.call('RPUSH', K.parked, job)
       redis.call('HINCRBY', K.parked_count, A.queue, 1)
       return {'parked', position, redis.call('HGET', K.holders, ekey) or ''}
     end
-    redis.call('HSET', K.holders, free, job)
-    if free ~= ekey then redis.call('HSET', K.slots, job, free) end
   end
+end
+
+if rk ~= '' then
+  if redis.call('ZREM', K.rate, job) == 1 then
+    -- Promoted from the rate line: its reservation becomes its start (below).
+    redis.call('HDEL', K.msg, job)
+    redis.call('ZREM', K.promoting, job)
+  else
+    local n, w = rate_of(K.rate_limits, rk, A.rn, A.rw)
+    local opening = rate_opening(K.rate, n, w, now)
+    if opening > 0 or redis.call('LLEN', K.ratewait) > 0 then
+      -- It waits on the rate's line, holding nothing: a slot it was handed goes on.
+      local handed = {}
+      if own then
+        local nxt, message, how = pass_slot({
+          parked = K.parked, msg = K.msg, parked_count = K.parked_count, holders = K.holders,
+          slots = K.slots, promoting = K.promoting, limits = K.limits}, ekey, slot, job,
+          tonumber(A.grace_ms))
+        if nxt then handed = {nxt, message, how} end
+      end
+      redis.call('HSET', K.msg, job, A.message)
+      local position = redis.call('RPUSH', K.ratewait, job)
+      redis.call('HINCRBY', K.parked_count, A.queue, 1)
+      rate_due_by(K.rate_due, rk, now + opening)
+      return {'ratewait', position, opening, handed[1], handed[2], handed[3]}
+    end
+  end
+  redis.call('ZADD', K.rate, now, job .. '@' .. now)
+end
+
+if slot and not own then
+  redis.call('HSET', K.holders, slot, job)
+  if slot ~= ekey then redis.call('HSET', K.slots, job, slot) end
 end
 if A.qk_release == '1' then  -- queue_key_until="start": the key goes as the job starts
   release_queue_key(K.qkeys, K.qk_pending, A.qkey, job, K.qk_until)

@@ -5,7 +5,8 @@
 -- releasing its queue key. A worker's tick then reports it (on_cancel) exactly once.
 -- KEYS: cancelled, cancel_reported, cancel_reports (list), retry, retry_msg, msg,
 --       promoting, held_msg, qkeys, qk_pending, running, parked_count, stats
--- ARGV: job id, ttl_ms, key prefix (for parked:<execution key> and held:<queue>)
+-- ARGV: job id, ttl_ms, key prefix (for parked:<execution key>, ratewait:<rate key> and
+--       held:<queue>)
 -- Returns {running info json or '', where it waited or ''}.
 local now = now_ms()
 local job, expiry = A.job, now + tonumber(A.ttl_ms)
@@ -53,8 +54,7 @@ else
     stored = redis.call('HGET', K.msg, job)
     if stored and not redis.call('ZSCORE', K.promoting, job) then
       local header = roger_header(stored_object(K.msg, job, stored))
-      if str(header.ek) and redis.call('LREM', A.prefix .. 'parked:' .. header.ek, 0, job) > 0
-          and str(header.q) then
+      if leave_lines(A.prefix, header, job) and str(header.q) then
         redis.call('HINCRBY', K.parked_count, header.q, -1)
       end
       redis.call('HDEL', K.msg, job)

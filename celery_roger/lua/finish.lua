@@ -48,15 +48,9 @@ if force then
 elseif not slot then
   return {removed}
 end
-redis.call('HDEL', K.slots, job)
-local limit, live = key_limit(K.limits, ekey, 1)
-if live and slot_index(slot) > limit then
-  -- Its key's limit was lowered live: this slot retires instead of being handed on.
-  redis.call('HDEL', K.holders, slot)
-  return {removed}
-end
-local nxt, message, how = hand_on({
+local nxt, message, how = pass_slot({
   parked = K.parked, msg = K.msg, parked_count = K.parked_count, holders = K.holders,
-  slots = K.slots, promoting = K.promoting}, ekey, slot, tonumber(A.grace_ms))
+  slots = K.slots, promoting = K.promoting, limits = K.limits}, ekey, slot, job,
+  tonumber(A.grace_ms))
 if not nxt then return {removed} end
 return {removed, nxt, message, how}

@@ -66,7 +66,7 @@ local KEY_TYPES = {
   held_msg = 'hash', held_queues = 'set', parked_count = 'hash', stats = 'hash',
   crash_checks = 'zset', crash_info = 'hash', quarantine = 'hash', quarantine_log = 'list',
   orphan_suspects = 'zset', orphan_suspect_keys = 'hash', sweep = 'hash', schema = 'hash',
-  fuse = 'string',
+  fuse = 'string', rate_due = 'zset', rate_limits = 'hash',
 }
 local function key_type(key)
   local prefix, name = string.match(key, '^(roger:{[^}]*}:)(.*)$')
@@ -74,7 +74,10 @@ local function key_type(key)
   if string.sub(name, 1, 7) == 'parked:' or string.sub(name, 1, 5) == 'held:' then
     return prefix, 'list'
   end
-  if string.sub(name, 1, 7) == 'buried:' then return prefix, 'zset' end
+  if string.sub(name, 1, 9) == 'ratewait:' then return prefix, 'list' end
+  if string.sub(name, 1, 7) == 'buried:' or string.sub(name, 1, 5) == 'rate:' then
+    return prefix, 'zset'
+  end
   return prefix, KEY_TYPES[name]
 end
 
@@ -273,10 +276,24 @@ local function holder_accounted(k, job)
   return redis.call('HEXISTS', k.running, job) == 1 or redis.call('ZSCORE', k.promoting, job)
 end
 
+-- Send a promoted job on its way: push its kombu payload back to its broker list here
+-- ('pushed': a message parked with `kombu_payload` and `kombu_list`, on a Redis broker
+-- that is this database: fuse.py), to the end BRPOP takes next, so it starts before the
+-- jobs queued after it; else 'publish': the caller publishes it, then confirms it
+-- (`promoting`; a tick publishes it again if the caller does not).
+local function send_promoted(promoting, job, decoded, grace_ms)
+  if type(decoded.kombu_payload) == 'string' and type(decoded.kombu_list) == 'string'
+      and decoded.kombu_list ~= '' then
+    redis.call('RPUSH', decoded.kombu_list, decoded.kombu_payload)
+    return 'pushed'
+  end
+  redis.call('ZADD', promoting, now_ms() + grace_ms, job)
+  return 'publish'
+end
+
 -- Hand `slot` of execution key `ekey` to the next parked job that has a message to run
 -- (finish.lua, set_limit.lua); or free the slot when none is left. Returns the job, its
--- stored message and 'pushed' (its kombu payload was pushed back to its broker list here:
--- fuse.py) or 'publish' (the caller publishes it, then confirms it: `promoting`); or nil.
+-- stored message and how it was sent (send_promoted); or nil.
 -- k: {parked, msg, parked_count, holders, slots, promoting} key names.
 local function hand_on(k, ekey, slot, grace_ms)
   while true do
@@ -292,15 +309,74 @@ local function hand_on(k, ekey, slot, grace_ms)
     if decoded and type(decoded.body) == 'string' then
       redis.call('HSET', k.holders, slot, nxt)
       if slot ~= ekey then redis.call('HSET', k.slots, nxt, slot) end
-      if type(decoded.kombu_payload) == 'string' and type(decoded.kombu_list) == 'string'
-          and decoded.kombu_list ~= '' then
-        redis.call('RPUSH', decoded.kombu_list, decoded.kombu_payload)
-        return nxt, message, 'pushed'
-      end
-      redis.call('ZADD', k.promoting, now_ms() + grace_ms, nxt)
-      return nxt, message, 'publish'
+      return nxt, message, send_promoted(k.promoting, nxt, decoded, grace_ms)
     elseif decoded then
       quarantine_field(k.msg, nxt, message, 'a parked message without a body')
     end
   end
+end
+
+-- `job` gives up `slot` of `ekey` (its attempt ended, or it goes to wait on a rate): the
+-- slot retires if the key's live limit was lowered below it, else it is handed on.
+-- Returns what hand_on returns. k: as hand_on's, and limits.
+local function pass_slot(k, ekey, slot, job, grace_ms)
+  redis.call('HDEL', k.slots, job)
+  local limit, live = key_limit(k.limits, ekey, 1)
+  if live and slot_index(slot) > limit then
+    redis.call('HDEL', k.holders, slot)
+    return nil
+  end
+  return hand_on(k, ekey, slot, grace_ms)
+end
+
+-- Rates (rate_key, rate). A key R's window `rate:R` is a zset of starts: member
+-- "<job>@<ms>" scored by its start time; and of reservations: member "<job>" (a job
+-- promoted from R's line `ratewait:R`, on its way to a worker) scored by a deadline in
+-- the future, so it counts until it starts (its member is then replaced by a start) or
+-- its deadline passes. `rate_due` holds, per key with a line, when the line may move;
+-- `rate_limits` the live rates (set_limit) as "starts/window_ms".
+
+-- The rate of key `rk`: its live rate, else the job's own (`n` starts per `w` ms).
+local function rate_of(rate_limits, rk, n, w)
+  local live = redis.call('HGET', rate_limits, rk)
+  if live then
+    local ln, lw = string.match(live, '^(%d+)/(%d+)$')
+    if ln then return tonumber(ln), tonumber(lw), true end
+  end
+  return math.max(1, math.floor(tonumber(n) or 1)), math.max(1, math.floor(tonumber(w) or 1000)), false
+end
+
+-- Milliseconds until window `rate` has room for one more start (0: it has now), after
+-- forgetting the starts older than the window.
+local function rate_opening(rate, n, w, now)
+  redis.call('ZREMRANGEBYSCORE', rate, '-inf', now - w)
+  local count = redis.call('ZCARD', rate)
+  if count < n then return 0 end
+  local entry = redis.call('ZRANGE', rate, count - n, count - n, 'WITHSCORES')
+  return math.max(1, tonumber(entry[2]) + w - now)
+end
+
+-- Have key `rk`'s line looked at by `at` (ms) at the latest.
+local function rate_due_by(rate_due, rk, at)
+  local due = tonumber(redis.call('ZSCORE', rate_due, rk))
+  if not due or at < due then redis.call('ZADD', rate_due, at, rk) end
+end
+
+-- Take back `job`'s reservation in window `rate` (it did not start after all); the line
+-- of `rk` is then looked at at once. Returns whether it had one.
+local function drop_reservation(rate, rate_due, rk, job)
+  if rk == '' or redis.call('ZREM', rate, job) == 0 then return false end
+  rate_due_by(rate_due, rk, now_ms())
+  return true
+end
+
+-- Take a parked job out of the line it waits in (its execution key's or its rate key's,
+-- named by its roger `header`). Returns whether it was in one.
+local function leave_lines(prefix, header, job)
+  local removed = 0
+  if str(header.ek) then removed = redis.call('LREM', prefix .. 'parked:' .. header.ek, 0, job) end
+  if str(header.rk) then
+    removed = removed + redis.call('LREM', prefix .. 'ratewait:' .. header.rk, 0, job)
+  end
+  return removed > 0
 end

@@ -61,7 +61,7 @@ for _, job in ipairs(ids(A.parked)) do
   if header and header.q == queue then
     -- Only a job still in its line: a promoted one (its message kept in msg until it is
     -- admitted) is in the broker or a worker's hands already, and keeps its keys.
-    if str(header.ek) and redis.call('LREM', A.prefix .. 'parked:' .. header.ek, 0, job) > 0 then
+    if leave_lines(A.prefix, header, job) then
       redis.call('HINCRBY', K.parked_count, queue, -1)
       parked = parked + 1
       redis.call('HDEL', K.msg, job)

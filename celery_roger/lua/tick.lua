@@ -1,4 +1,4 @@
---! KEYS: workers running promoting msg qkeys qk_pending qk_until retry retry_msg cancelled cancel_reported cancel_reports paused held_queues crash_checks crash_info quarantine_log
+--! KEYS: workers running promoting msg qkeys qk_pending qk_until retry retry_msg cancelled cancel_reported cancel_reports paused held_queues crash_checks crash_info quarantine_log rate_due
 --! ARGV: grace_ms
 -- Tick: run by every roger worker's healer about once a second. Returns the healing work
 -- due anywhere (the lease itself is renewed by renew.lua, on its own thread):
@@ -20,7 +20,8 @@
 --          {job id, entry json, score, ...}, ms until the next retry is due or -1,
 --          {cancel report json, ...}, paused queues, queues with stale held jobs,
 --          {earlier attempt's record json, ...} of redelivered jobs whose worker died,
---          {quarantine record json, ...}}.
+--          {quarantine record json, ...}, rate keys whose line may move (the caller
+--          runs rate_wake.lua for each; each is put off a second so one tick takes it)}.
 local now = now_ms()
 
 local orphans = {}
@@ -104,4 +105,7 @@ for _ = 1, 20 do
   if not entry then break end
   table.insert(quarantined, entry)
 end
-return {orphans, republish, freed, due, next_due, reports, paused, stale, crashed, quarantined}
+local rates = redis.call('ZRANGEBYSCORE', K.rate_due, '-inf', now, 'LIMIT', 0, 20)
+for _, rk in ipairs(rates) do redis.call('ZADD', K.rate_due, now + 1000, rk) end
+return {orphans, republish, freed, due, next_due, reports, paused, stale, crashed, quarantined,
+  rates}
