@@ -20,6 +20,7 @@ from . import events
 from .failure import refuse_wrong_partition
 from .job import (
     Job,
+    finite,
     header_limit,
     header_problem,
     header_rate,
@@ -79,7 +80,8 @@ class Admission:
         request._request_dict["roger_instance"] = self.instance
         header = job_header(request.request_dict)
         rate = header_rate(header)
-        if not ek and rate is None:
+        replace = bool(qk) and header.get("qd") == "replace"
+        if not ek and rate is None and not replace:
             # Nothing to wait for: it is admitted by its start check, in the job's own
             # process, so this event loop makes no Redis call for it.
             return self.handle(request)
@@ -96,7 +98,7 @@ class Admission:
                 request.id, instance=self.instance, execution_key=ek, info=info,
                 message={**capture(request.message), **self.fuse.place(request.message)},
                 qk_release=header.get("qu") == "start", limit=header_limit(header),
-                rate=rate,
+                rate=rate, replace=replace, published_at=finite(header.get("at")) or 0.0,
             )
         except RedisError as exc:
             return self._admit_later(request, exc)
@@ -137,6 +139,13 @@ class Admission:
             return self._drop(request)
         if admission.outcome == "ratewait":
             return self._wait_rate(request, admission)
+        if admission.outcome == "qkwait":
+            logger.info("Job %s[%s] waits for queue key %r: running job %s holds it "
+                        "(on_duplicate='replace': the newest waits, older ones are "
+                        "cancelled)", request.name, request.id, qk, admission.holder)
+            events.step(self.app, "parked", request.id, queue_key=qk, holder=admission.holder,
+                        position=1)
+            return self._drop(request)
         logger.info(
             "Parked job %s[%s]: execution key %r is held by %s (position %d)",
             request.name, request.id, ek, admission.holder, admission.position,

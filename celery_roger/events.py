@@ -30,7 +30,7 @@ from celery import Celery
 logger = logging.getLogger("celery_roger")
 
 #: The non-final steps, sent as ``roger-<step>``.
-STEPS = ("deduplicated", "parked", "promoted", "held", "requeued", "orphaned")
+STEPS = ("deduplicated", "parked", "promoted", "held", "requeued", "orphaned", "replaced")
 
 #: What a buried job's ``task-failed`` exception text starts with.
 BURIED_PREFIX = "Buried: "

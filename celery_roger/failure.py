@@ -293,10 +293,11 @@ def _release_in(app: Celery, partition: str, job_id: str, ek: str, qk: str) -> N
                      "released", job_id, partition, qk, ek)
         return
     try:
-        promotion = store.finish(job_id, execution_key=ek, queue_key=qk).promotion
-        if promotion is not None and not promotion.pushed:
-            republish(app, promotion.message)
-            store.confirm_promoted(promotion.job_id)
+        finished = store.finish(job_id, execution_key=ek, queue_key=qk)
+        for promotion in (finished.promotion, finished.queue_promotion):
+            if promotion is not None and not promotion.pushed:
+                republish(app, promotion.message)
+                store.confirm_promoted(promotion.job_id)
     except Exception:
         logger.exception("Job %s: could not release its keys in partition %r", job_id,
                          partition)

@@ -15,7 +15,7 @@ from .values import as_key_or_none
 #: The message header roger adds at publish: {"q": queue, "at": publish time, "p": roger
 #: partition, "qk": queue key, "ek": execution key, "rc": retry count, "qu": "start" for
 #: queue_key_until="start", "el": execution_limit above 1, "rk": rate key, "rl": its rate
-#: as [starts, window ms]}. Only roger writes
+#: as [starts, window ms], "qd": "replace" for on_duplicate="replace"}. Only roger writes
 #: it: a caller's own ``roger`` header is replaced at publish. A worker refuses a job whose
 #: ``p`` names another partition than its own (a job without ``p`` runs anywhere).
 HEADER = "roger"
@@ -81,6 +81,8 @@ def _sound_field(name: str, value: Any) -> bool:
         return isinstance(value, str)
     if name == "qu":
         return value == "start"
+    if name == "qd":
+        return value == "replace"
     if name == "el":
         return header_limit({"el": value}) == value
     if name == "at":
@@ -163,12 +165,14 @@ class Job:
     #: its rate key and rate as (starts, window ms), if it has a rate
     rate_key: str | None = None
     rate: tuple[int, int] | None = None
+    #: on_duplicate="replace": it waits for its queue key behind a running holder
+    replaces: bool = False
 
     @property
     def admitted_by_worker(self) -> bool:
         """Whether its worker's main process admits it (admission.py): a job that may have
         to wait, on an execution key or a rate. Others are admitted as they start."""
-        return self.execution_key is not None or self.rate_key is not None
+        return self.execution_key is not None or self.rate_key is not None or self.replaces
 
     def header(self, retry_count: int, partition: str | None = None) -> dict[str, Any]:
         """This job's ``roger`` header, for publishing it again with ``retry_count`` in
@@ -180,6 +184,8 @@ class Job:
             header["qk"] = self.queue_key
             if self.queue_key_at_start:
                 header["qu"] = "start"
+            if self.replaces:
+                header["qd"] = "replace"
         if self.execution_key:
             header["ek"] = self.execution_key
             if self.execution_limit > 1:
@@ -204,6 +210,7 @@ class Job:
             queue_key_at_start=header.get("qu") == "start",
             execution_limit=header_limit(header),
             rate_key=rated[0] if rated else None, rate=rated[1:] if rated else None,
+            replaces=header.get("qd") == "replace",
         )
 
     @classmethod

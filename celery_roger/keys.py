@@ -30,8 +30,8 @@ MAX_KEY_BYTES = 1024
 KINDS = ("queue_key", "execution_key", "rate_key")
 
 #: What publishing a job whose queue key is held does (task option, per call, setting).
-ON_DUPLICATE = ("raise", "existing")
-OnDuplicate = Literal["raise", "existing"]
+ON_DUPLICATE = ("raise", "existing", "replace")
+OnDuplicate = Literal["raise", "existing", "replace"]
 
 
 class Arguments:

@@ -62,11 +62,13 @@ def finish_job(app: Celery, job_id: str, *, execution_key: str, queue_key: str,
     """
     finished = runtime(app).store.finish(job_id, execution_key=execution_key,
                                          queue_key=queue_key, instance=instance)
-    if finished.promotion is not None:
+    for promotion in (finished.promotion, finished.queue_promotion):
+        if promotion is None:
+            continue
         if publish is None:
-            hand_off(app, finished.promotion)
+            hand_off(app, promotion)
         else:
-            publish(finished.promotion)
+            publish(promotion)
     return finished.was_running
 
 

@@ -9,14 +9,14 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 from celery import Celery
 from celery.signals import before_task_publish
 from celery.utils import uuid
-from redis.exceptions import RedisError
 
 from . import canvas, events
+from .confirm import Hold, confirm, release, send_replacing
 from .errors import DuplicateJob
 from .expiry import expires_in, expires_option
 from .fuse import FusedPublish, Refused, fusing
@@ -135,6 +135,8 @@ def publish(app: Celery, send: Callable, name: str, args: Any, kwargs: Any,
     if queue_key is None:
         return send(name, args, kwargs, **options)
     hold = Hold(expires, until if isinstance(until, float) else 0.0)
+    if on_duplicate == "replace":
+        return send_replacing(app, send, name, args, kwargs, options, queue_key, hold)
     if runtime(app).fuse.usable and _KEY_TAKEN.get() != task_id:
         return _send_fused(app, send, task, name, args, kwargs, options, queue_key, hold,
                            on_duplicate)
@@ -174,15 +176,6 @@ def _rate_by_name(name: str, rate_given: Any, rate_key: Any) -> tuple[str, tuple
                         f"{type(rate_key).__name__} {rate_key!r}")
     key = validate(name, "rate_key", None if rate_key is UNSET else rate_key)
     return key or name, limit
-
-
-class Hold(NamedTuple):
-    """How long a published job's queue key is held, besides its attempt: ``expires``
-    (seconds until the job's expiry, or None) and ``window`` (queue_key_until seconds: a
-    throttle window from the accepted publish; 0 for none)."""
-
-    expires: float | None
-    window: float
 
 
 def _without_callers_header(name: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -231,9 +224,9 @@ def _send_holding(app: Celery, send: Callable, name: str, args: Any, kwargs: Any
         with delivery() as delivered:
             result = send(name, args, kwargs, **options)
     except BaseException:
-        _release(store, name, options["task_id"], queue_key, "publish failed")
+        release(store, name, options["task_id"], queue_key, "publish failed")
         raise
-    _confirm(store, name, options, queue_key, hold, delivered)
+    confirm(store, name, options, queue_key, hold, delivered)
     return result
 
 
@@ -254,7 +247,7 @@ def _send_fused(app: Celery, send: Callable, task: Any, name: str, args: Any, kw
                           on_duplicate)
     except BaseException:
         if request.took:
-            _release(rt.store, name, task_id, queue_key, "publish failed")
+            release(rt.store, name, task_id, queue_key, "publish failed")
         raise
     if request.sent:
         return result
@@ -267,11 +260,11 @@ def _send_fused(app: Celery, send: Callable, task: Any, name: str, args: Any, kw
                          name, task_id, queue_key)
             return result
     if request.batch is not None:
-        after_flush(request.batch, lambda flushed: _confirm(
+        after_flush(request.batch, lambda flushed: confirm(
             rt.store, name, options, queue_key, hold, delivered) if flushed
-            else _release(rt.store, name, task_id, queue_key, "the publish batch was not sent"))
+            else release(rt.store, name, task_id, queue_key, "the publish batch was not sent"))
         return result
-    _confirm(rt.store, name, options, queue_key, hold, delivered)
+    confirm(rt.store, name, options, queue_key, hold, delivered)
     return result
 
 
@@ -283,45 +276,6 @@ def _unsubscribe(app: Celery, task_id: str) -> None:
             consumer.cancel_for(task_id)
     except Exception as exc:  # a backend without subscriptions raises NotImplementedError
         logger.debug("roger: no result subscription to cancel for %s: %r", task_id, exc)
-
-
-def _confirm(store: Any, name: str, options: dict[str, Any], queue_key: str,
-             hold: Hold, delivered: Delivery) -> None:
-    """The job was sent holding ``queue_key`` (pending): confirm the key, or release it
-    when the broker dropped the message."""
-    task_id = options["task_id"]
-    if delivered.unroutable:
-        # A Redis broker drops a message that its exchange routes to no queue, silently.
-        logger.error("%s[%s]: the broker routed it to no queue (exchange %r, routing key "
-                     "%r) and dropped it; its queue key %r is released", name, task_id,
-                     options.get("exchange"), options.get("routing_key"), queue_key)
-        _release(store, name, task_id, queue_key, "dropped by the broker")
-        return
-    try:
-        confirmed = store.confirm_queue_key(queue_key, task_id, hold.expires, hold.window)
-    except RedisError as exc:
-        # The job is in the broker: report the publish as done. Its queue key stays
-        # taken, and frees itself after the grace period if the job has not started.
-        logger.warning(
-            "%s[%s]: published, but its queue key %r could not be confirmed (Redis: %s); "
-            "it stays held at most %ss before the job starts", name, task_id, queue_key, exc,
-            store.settings.publish_grace_seconds,
-        )
-        return
-    if not confirmed:
-        logger.warning(
-            "%s[%s]: published, but queue key %r was no longer held by it (the publish took "
-            "longer than roger_publish_grace_seconds)", name, task_id, queue_key,
-        )
-
-
-def _release(store: Any, name: str, task_id: str, queue_key: str, why: str) -> None:
-    try:
-        store.release_queue_key(queue_key, task_id)
-    except Exception as exc:
-        logger.warning("%s[%s]: %s, and queue key %r could not be released (%s); it frees "
-                       "itself after %ss", name, task_id, why, queue_key, exc,
-                       store.settings.publish_grace_seconds)
 
 
 @before_task_publish.connect(weak=False, dispatch_uid="celery_roger.before_task_publish")

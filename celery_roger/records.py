@@ -18,7 +18,8 @@ class AdmitOutcome:
     """What admit decided: ``"run"`` or ``"parked"`` (with position and holder)."""
 
     #: "run", "parked" (behind an execution key's holders), "ratewait" (on its rate
-    #: key's line), "cancelled" (position: 1 to report it), "paused", or "nolease"
+    #: key's line), "qkwait" (for its queue key, on_duplicate="replace"), "cancelled"
+    #: (position: 1 to report it), "paused", or "nolease"
     #: (this worker's lease has run out: admit the job again later)
     outcome: str
     position: int = 0
@@ -47,6 +48,8 @@ class Finish:
 
     was_running: bool
     promotion: Promotion | None
+    #: on_duplicate="replace": the job that waited for the queue key, handed it now
+    queue_promotion: Promotion | None = None
 
 
 @dataclass(frozen=True)

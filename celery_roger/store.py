@@ -59,6 +59,20 @@ class Store(ControlStore, FailureStore):
         )
         return text(holder) if holder else None
 
+    def replace_take(self, queue_key: str, job_id: str) -> tuple[str, str]:
+        """on_duplicate="replace", step 1 (replace_take.lua): ('took' | 'replacing' |
+        'behind' | 'refused', the holder or '')."""
+        reply = self._run("replace_take", dict(qkey=queue_key, job=job_id,
+                                               grace_ms=self.grace_ms))
+        return text(reply[0]), text(reply[1]) if len(reply) > 1 else ""
+
+    def replace_done(self, queue_key: str, job_id: str, *, sent: bool, previous: str) -> bool:
+        """on_duplicate="replace", step 2 (replace_done.lua): whether this job still
+        holds the key (the replaced holder is then to be cancelled, when ``sent``)."""
+        return bool(self._run("replace_done", dict(qkey=queue_key, job=job_id,
+                                                   sent="1" if sent else "0",
+                                                   previous=previous)))
+
     def confirm_queue_key(
         self, queue_key: str, job_id: str, expires_in: float | None = None, window: float = 0.0
     ) -> bool:
@@ -113,6 +127,8 @@ class Store(ControlStore, FailureStore):
         qk_release: bool = False,
         limit: int = 1,
         rate: tuple[str, int, int] | None = None,
+        replace: bool = False,
+        published_at: float = 0.0,
     ) -> AdmitOutcome:
         """Admit a delivered job (admit.lua). ``rate``: its (rate key, starts, window ms)."""
         rk, starts, window = rate or ("", 1, 1000)
@@ -123,18 +139,21 @@ class Store(ControlStore, FailureStore):
                 instance=instance,
                 ek=execution_key,
                 info=compact(info),
-                message=compact(message) if execution_key or rk else "",
+                message=compact(message) if execution_key or rk or replace else "",
                 queue=info.get("queue") or "",
                 qkey=info.get("qk") or "",
                 qk_release="1" if qk_release else "0",
                 limit=limit, rk=rk, rn=starts, rw=window, grace_ms=self.grace_ms,
+                qd="replace" if replace else "", at=repr(published_at),
+                cancel_ttl_ms=self.cancel_ttl_ms,
             ),
             keys={"parked": self.parked_key(execution_key), "rate": self.rate_key(rk),
-                  "ratewait": self.ratewait_key(rk)},
+                  "ratewait": self.ratewait_key(rk),
+                  "qkwait": self.qkwait_key(info.get("qk") or "")},
         )
         outcome = text(reply[0])
-        if outcome == "parked":
-            return AdmitOutcome("parked", int(reply[1]), text(reply[2]))
+        if outcome in ("parked", "qkwait"):
+            return AdmitOutcome(outcome, int(reply[1]), text(reply[2]))
         if outcome == "ratewait":
             promotion = self._promotion(reply[3:6]) if len(reply) > 3 else None
             return AdmitOutcome(outcome, int(reply[1]), opens_in=int(reply[2]) / 1000,
@@ -171,10 +190,12 @@ class Store(ControlStore, FailureStore):
                 force="1" if force else "0",
                 instance=instance,
             ),
-            keys={"parked": self.parked_key(execution_key)},
+            keys={"parked": self.parked_key(execution_key),
+                  "qkwait": self.qkwait_key(queue_key)},
         )
-        return Finish(bool(int(reply[0])), self._promotion(reply[1:4]) if len(reply) > 1
-                      else None)
+        ek_promotion = self._promotion(reply[1:4]) if len(reply) > 1 and reply[1] else None
+        qk_promotion = self._promotion(reply[4:7]) if len(reply) > 4 else None
+        return Finish(bool(int(reply[0])), ek_promotion, qk_promotion)
 
     def confirm_promoted(self, job_id: str) -> None:
         """The promoted job's message is in the broker: it no longer needs republishing."""

@@ -140,6 +140,7 @@ class StoreBase:
         self.k_fuse = self.prefix + "fuse"
         self.k_rate_due = self.prefix + "rate_due"
         self.k_rate_limits = self.prefix + "rate_limits"
+        self.k_qk_prev = self.prefix + "qk_prev"
         self.cancel_ttl_ms = int(settings.cancel_ttl * 1000)
         #: whether this partition's key names are known to be this version's (migrate)
         self.migrated = False
@@ -194,6 +195,10 @@ class StoreBase:
     def ratewait_key(self, rate_key: str) -> str:
         """The line of jobs waiting for a rate key's window to open."""
         return f"{self.prefix}ratewait:{rate_key}"
+
+    def qkwait_key(self, queue_key: str) -> str:
+        """The job waiting for a queue key held by a running job (on_duplicate="replace")."""
+        return f"{self.prefix}qkwait:{queue_key}"
 
     def held_key(self, queue: str) -> str:
         return f"{self.prefix}held:{queue}"

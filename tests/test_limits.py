@@ -318,3 +318,64 @@ def test_a_live_rate_from_the_cli_starts_waiting_jobs_at_once(app_module, run, r
         job.get(timeout=30)
     assert cli("--clear").returncode == 0
     assert roger.info()["limits"]["rate"] == {}
+
+
+# -- on_duplicate="replace" ----------------------------------------------------------------
+
+
+def cancels_reported(r, run) -> list[str]:
+    return [e["name"] for e in events(r, run, "cb") if e["cb"] == "on_cancel"]
+
+
+def test_replace_with_a_countdown_runs_only_the_last_of_a_burst(app_module, run, r, worker):
+    key = f"{run}:reindex"
+    worker(concurrency=2)
+    burst = [app_module.fragile.apply_async((run, f"c{i:02d}"), countdown=3, queue_key=key,
+                                            on_duplicate="replace") for i in range(20)]
+    store = Roger(app_module.app).store
+    assert store.queue_key_holder(key) == burst[-1].id, "the newest holds the key"
+    # Each replaced one is REVOKED at once, though a worker may hold it for its countdown.
+    assert all(job.state == "REVOKED" for job in burst[:-1]), [j.state for j in burst]
+    assert burst[-1].get(timeout=30) == "c19"
+    assert [e["name"] for e in events(r, run, "attempt")] == ["c19"], "only the last ran"
+    # on_cancel runs once for each, when its worker drops it at its countdown.
+    wait_until(lambda: len(cancels_reported(r, run)) == 19, timeout=20,
+               what="on_cancel for the 19 replaced jobs")
+    assert sorted(cancels_reported(r, run)) == [f"c{i:02d}" for i in range(19)]
+    wait_until(lambda: store.queue_key_holder(key) is None, timeout=5, what="key released")
+
+
+def test_replace_during_a_run_leaves_exactly_one_waiting(app_module, run, r, worker):
+    key = f"{run}:digest"
+    roger = Roger(app_module.app)
+    worker(concurrency=2)
+    holder = app_module.fragile.apply_async((run, "h", "sleep", 4.0), queue_key=key,
+                                            on_duplicate="replace")
+    wait_until(lambda: roger.job(holder.id)["state"] == "running", timeout=20,
+               what="the holder running")
+    burst = [app_module.fragile.apply_async((run, f"b{i}"), queue_key=key,
+                                            on_duplicate="replace") for i in range(10)]
+    store = roger.store
+    wait_until(lambda: len(cancels_reported(r, run)) == 9, timeout=20,
+               what="the nine older waiting jobs replaced")
+    assert store.redis.lrange(store.qkwait_key(key), 0, -1) == [burst[-1].id.encode()], \
+        "exactly one waits: the newest"
+    assert roger.job(holder.id)["state"] == "running", "the running holder keeps running"
+    assert holder.get(timeout=20) == "h"
+    assert burst[-1].get(timeout=20) == "b9"
+    attempts = [e["name"] for e in events(r, run, "attempt")]
+    assert attempts == ["h", "b9"], attempts
+    entries = timeline(r, run)
+    h_done = next(e["t"] for e in entries if e["event"] == "done" and e["name"] == "h")
+    b9_start = next(e["t"] for e in entries if e["event"] == "attempt" and e["name"] == "b9")
+    assert b9_start >= h_done, "the waiting job ran after the holder, never beside it"
+    assert all(job.state == "REVOKED" for job in burst[:-1])
+    wait_until(lambda: store.queue_key_holder(key) is None, timeout=5,
+               what="the key released after the last one (result stored first)")
+    assert not store.redis.llen(store.qkwait_key(key))
+
+
+def test_replace_with_a_throttle_window_is_refused(app_module, run):
+    with pytest.raises(ValueError, match="on_duplicate='replace' cannot be combined"):
+        app_module.fragile.apply_async((run, "x"), queue_key=f"{run}:k", queue_key_until=5,
+                                       on_duplicate="replace")

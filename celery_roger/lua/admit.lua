@@ -1,5 +1,5 @@
---! KEYS: workers running holders slots limits msg promoting parked cancelled cancel_reported paused parked_count stats qkeys qk_pending qk_until crash_checks crash_info rate ratewait rate_limits rate_due
---! ARGV: job instance ek info message queue qkey qk_release limit rk rn rw grace_ms
+--! KEYS: workers running holders slots limits msg promoting parked cancelled cancel_reported paused parked_count stats qkeys qk_pending qk_until crash_checks crash_info rate ratewait rate_limits rate_due qkwait cancel_reports
+--! ARGV: job instance ek info message queue qkey qk_release limit rk rn rw grace_ms qd at cancel_ttl_ms
 -- Admit: the check a delivered job passes before it may run (worker main process).
 -- Checks the worker's lease, then either records the job as running (taking a slot of
 -- its execution key, or picking up the slot handed to it on promotion, and a start in
@@ -12,10 +12,11 @@
 --       cancelled, cancel_reported, paused, parked_count (hash queue -> parked jobs),
 --       stats, qkeys, qk_pending, qk_until, crash_checks, crash_info,
 --       rate (zset: this rate key's window), ratewait (list: its line), rate_limits,
---       rate_due
+--       rate_due, qkwait (list: the job waiting for this queue key), cancel_reports
 -- ARGV: job id, worker instance, execution key or '', info json, message json, queue,
 --       queue key or '', qk_release ('1': queue_key_until="start"), execution limit,
---       rate key or '', its starts and window ms, grace_ms
+--       rate key or '', its starts and window ms, grace_ms, on_duplicate ('replace' or
+--       ''), its publish time (s), cancel_ttl_ms
 -- A cancelled job is refused first ({'cancelled', 1 if this call claims its on_cancel}),
 -- then a job of a paused queue ({'paused'}: the caller stores it for resume).
 -- Returns {'nolease'} (the caller admits it later), {'run'}, {'run', earlier attempt's
@@ -23,6 +24,9 @@
 -- record_running in lib.lua), {'parked', position, holder}, or {'ratewait', position,
 -- ms until its window may open[, job, message, how]} (the last three: the job promoted
 -- to the execution slot this job gave up, which the caller sends as finish.lua's).
+-- A job published with on_duplicate="replace" behind a running holder of its queue key
+-- waits for that key ({'qkwait', 1, holder}): only the newest such job waits, the older
+-- one is cancelled ({'cancelled', ...} for this one when it is the older).
 local now = now_ms()
 local job, ekey, rk = A.job, A.ek, A.rk
 -- Only under a live lease: a worker whose lease ran out (stopped, stalled) may have had
@@ -36,6 +40,46 @@ local refused = arrival_check(job, A.queue, A.qkey, now, {
 if refused then
   drop_reservation(K.rate, K.rate_due, rk, job)
   return refused
+end
+
+if A.qd == 'replace' and A.qkey ~= '' then
+  local holder = redis.call('HGET', K.qkeys, A.qkey)
+  if holder == job then
+    redis.call('HDEL', K.msg, job)  -- (handed the key by its holder's end: hand_queue_key)
+    redis.call('ZREM', K.promoting, job)
+  else
+    local k = {cancelled = K.cancelled, cancel_reported = K.cancel_reported,
+      cancel_reports = K.cancel_reports, stats = K.stats, qkwait = K.qkwait, msg = K.msg,
+      parked_count = K.parked_count}
+    if not holder then
+      -- Its running holder ended before it arrived: the key is its own now.
+      redis.call('HSET', K.qkeys, A.qkey, job)
+    elseif redis.call('HEXISTS', K.running, holder) == 1 then
+      -- It waits for the running holder to end; of those waiting, the newest stays.
+      local waiting = redis.call('LINDEX', K.qkwait, 0)
+      if waiting and waiting ~= job then
+        local decoded = stored_object(K.msg, waiting, redis.call('HGET', K.msg, waiting))
+        local at = tonumber(dig(decoded, 'headers', 'roger', 'at'))
+        if at and at > (tonumber(A.at) or 0) then
+          drop_reservation(K.rate, K.rate_due, rk, job)
+          return {'cancelled', cancel_now(k, job, tonumber(A.cancel_ttl_ms), false)}
+        end
+        cancel_now(k, waiting, tonumber(A.cancel_ttl_ms), true)
+      end
+      drop_reservation(K.rate, K.rate_due, rk, job)
+      if redis.call('LPOS', K.qkwait, job) == false then
+        redis.call('HSET', K.msg, job, A.message)
+        redis.call('RPUSH', K.qkwait, job)
+        redis.call('HINCRBY', K.parked_count, A.queue, 1)
+      end
+      return {'qkwait', 1, holder}
+    else
+      -- Held by a job that has not started: it was published after this one (this one
+      -- was sent behind a running holder, which has ended since), so it wins.
+      drop_reservation(K.rate, K.rate_due, rk, job)
+      return {'cancelled', cancel_now(k, job, tonumber(A.cancel_ttl_ms), false)}
+    end
+  end
 end
 
 local slot, own = nil, false

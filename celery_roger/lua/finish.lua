@@ -1,4 +1,4 @@
---! KEYS: running holders slots limits msg promoting qkeys qk_pending qk_until parked parked_count
+--! KEYS: running holders slots limits msg promoting qkeys qk_pending qk_until parked parked_count qkwait
 --! ARGV: job ek qkey grace_ms force instance
 -- Finish: a job's attempt ended (any outcome). Forget it as running, release its queue
 -- key and execution key (each only if this job holds it) and hand the execution key
@@ -9,7 +9,10 @@
 --       parked_count (hash queue -> parked jobs)
 -- ARGV: job id, execution key or '', queue key or '', grace_ms, force, the worker instance
 --       of the attempt that ended or '' (any)
--- Returns {removed} or {removed, next job id, its message json, how}; removed is 1 when
+-- With on_duplicate="replace", the job waiting for the queue key (qkwait) takes it and is
+-- sent on the same way.
+-- Returns {removed, ek promotion (job, message, how, or '' x 3), qk promotion (the
+-- same)}, shorter when there is none; removed is 1 when
 -- this call forgot the job as running (so exactly one caller reports its end). how is
 -- 'pushed' when this script pushed the promoted job's kombu payload back to its broker
 -- list itself (a message parked with `kombu_payload` and `kombu_list`, on a Redis broker
@@ -38,19 +41,27 @@ if not force then
   removed = redis.call('HDEL', K.running, job)
   release_queue_key(K.qkeys, K.qk_pending, qkey, job, K.qk_until)
 end
+local reply = {removed}
+if not force then
+  local waiter, wmessage, whow = hand_queue_key({qkeys = K.qkeys, qkwait = K.qkwait,
+    msg = K.msg, parked_count = K.parked_count, promoting = K.promoting}, qkey,
+    tonumber(A.grace_ms))
+  if waiter then reply = {removed, '', '', '', waiter, wmessage, whow} end
+end
 if ekey == '' then
-  return {removed}
+  return reply
 end
 -- Forced (an operator's release): the next parked job starts even if the key has no
 -- holder any more (`holders` deleted by hand), so no line is stranded.
 if force then
   slot = slot or ekey
 elseif not slot then
-  return {removed}
+  return reply
 end
 local nxt, message, how = pass_slot({
   parked = K.parked, msg = K.msg, parked_count = K.parked_count, holders = K.holders,
   slots = K.slots, promoting = K.promoting, limits = K.limits}, ekey, slot, job,
   tonumber(A.grace_ms))
-if not nxt then return {removed} end
-return {removed, nxt, message, how}
+if not nxt then return reply end
+reply[2], reply[3], reply[4] = nxt, message, how
+return reply

@@ -66,7 +66,7 @@ local KEY_TYPES = {
   held_msg = 'hash', held_queues = 'set', parked_count = 'hash', stats = 'hash',
   crash_checks = 'zset', crash_info = 'hash', quarantine = 'hash', quarantine_log = 'list',
   orphan_suspects = 'zset', orphan_suspect_keys = 'hash', sweep = 'hash', schema = 'hash',
-  fuse = 'string', rate_due = 'zset', rate_limits = 'hash',
+  fuse = 'string', rate_due = 'zset', rate_limits = 'hash', qk_prev = 'hash',
 }
 local function key_type(key)
   local prefix, name = string.match(key, '^(roger:{[^}]*}:)(.*)$')
@@ -74,7 +74,9 @@ local function key_type(key)
   if string.sub(name, 1, 7) == 'parked:' or string.sub(name, 1, 5) == 'held:' then
     return prefix, 'list'
   end
-  if string.sub(name, 1, 9) == 'ratewait:' then return prefix, 'list' end
+  if string.sub(name, 1, 9) == 'ratewait:' or string.sub(name, 1, 7) == 'qkwait:' then
+    return prefix, 'list'
+  end
   if string.sub(name, 1, 7) == 'buried:' or string.sub(name, 1, 5) == 'rate:' then
     return prefix, 'zset'
   end
@@ -378,5 +380,55 @@ local function leave_lines(prefix, header, job)
   if str(header.rk) then
     removed = removed + redis.call('LREM', prefix .. 'ratewait:' .. header.rk, 0, job)
   end
+  if header.qd == 'replace' and str(header.qk) then
+    removed = removed + redis.call('LREM', prefix .. 'qkwait:' .. header.qk, 0, job)
+  end
   return removed > 0
+end
+
+-- on_duplicate="replace": queue key `qkey` is free (its holder's attempt ended, or it was
+-- released by hand) and a job waits for it on `qkwait` (admit.lua): that job takes it and
+-- is sent on (send_promoted). Returns the job, its message and how it was sent, or nil.
+-- k: {qkeys, qkwait, msg, parked_count, promoting} key names.
+local function hand_queue_key(k, qkey, grace_ms)
+  if qkey == '' or redis.call('HEXISTS', k.qkeys, qkey) == 1 then return nil end
+  while true do
+    local nxt = redis.call('LPOP', k.qkwait)
+    if not nxt then return nil end
+    local message = redis.call('HGET', k.msg, nxt)
+    local decoded = stored_object(k.msg, nxt, message)
+    if decoded and type(decoded.body) == 'string' then
+      local queue = str(dig(decoded, 'headers', 'roger', 'q'))
+      if queue then redis.call('HINCRBY', k.parked_count, queue, -1) end
+      redis.call('HSET', k.qkeys, qkey, nxt)
+      return nxt, message, send_promoted(k.promoting, nxt, decoded, grace_ms)
+    end
+  end
+end
+
+-- Cancel `job` here and now, as cancel.lua does (it never runs; on_cancel is reported
+-- once): taken out of `qkwait` and `msg` if it waits there. Returns 1 when this call
+-- claims its report (cancel_reports, for a job that waited in Redis; else the caller
+-- reports it), else 0. k: {cancelled, cancel_reported, cancel_reports, stats, qkwait,
+-- msg, parked_count} key names.
+local function cancel_now(k, job, ttl_ms, waiting)
+  local expiry = now_ms() + ttl_ms
+  redis.call('ZADD', k.cancelled, 'GT', expiry, job)
+  local stored = nil
+  if waiting then
+    redis.call('LREM', k.qkwait, 0, job)
+    stored = redis.call('HGET', k.msg, job)
+    redis.call('HDEL', k.msg, job)
+    local queue = str(dig(stored_object(k.msg, job, stored), 'headers', 'roger', 'q'))
+    if queue then redis.call('HINCRBY', k.parked_count, queue, -1) end
+  end
+  local first = redis.call('ZADD', k.cancel_reported, 'NX', expiry, job)
+  if first == 1 then
+    redis.call('HINCRBY', k.stats, 'cancelled', 1)
+    if waiting then
+      redis.call('RPUSH', k.cancel_reports, cjson.encode({job = job, where = 'parked',
+        stored = stored or ''}))
+    end
+  end
+  return first
 end

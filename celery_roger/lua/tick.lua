@@ -1,4 +1,4 @@
---! KEYS: workers running promoting msg qkeys qk_pending qk_until retry retry_msg cancelled cancel_reported cancel_reports paused held_queues crash_checks crash_info quarantine_log rate_due
+--! KEYS: workers running promoting msg qkeys qk_pending qk_until retry retry_msg cancelled cancel_reported cancel_reports paused held_queues crash_checks crash_info quarantine_log rate_due qk_prev
 --! ARGV: grace_ms
 -- Tick: run by every roger worker's healer about once a second. Returns the healing work
 -- due anywhere (the lease itself is renewed by renew.lua, on its own thread):
@@ -60,7 +60,14 @@ end
 
 local freed = redis.call('ZRANGEBYSCORE', K.qk_pending, '-inf', now, 'LIMIT', 0, 100)
 for _, qkey in ipairs(freed) do
-  redis.call('HDEL', K.qkeys, qkey)
+  -- (a replacing publish whose publisher died: the job it displaced has the key back)
+  local previous = redis.call('HGET', K.qk_prev, qkey)
+  if previous then
+    redis.call('HSET', K.qkeys, qkey, previous)
+    redis.call('HDEL', K.qk_prev, qkey)
+  else
+    redis.call('HDEL', K.qkeys, qkey)
+  end
   redis.call('ZREM', K.qk_pending, qkey)
   redis.call('ZREM', K.qk_until, qkey)
 end

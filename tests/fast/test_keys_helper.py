@@ -179,7 +179,7 @@ def test_on_duplicate_setting_is_validated_and_is_the_default(app: Celery) -> No
     for bad in ("ignore", 1, ["raise"]):
         app.conf.roger_on_duplicate = bad
         with pytest.raises(ConfigurationError, match="setting roger_on_duplicate must be one "
-                                                     r"of \('raise', 'existing'\)"):
+                                                     r"of \('raise', 'existing', 'replace'\)"):
             Settings.from_app(app)
     assert RogerTask.on_duplicate is None  # a task that says nothing follows the setting
     def e(): ...
