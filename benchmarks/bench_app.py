@@ -111,3 +111,36 @@ def plain_late(counter: str = "") -> None:
     """Plain Celery with late ack, as RogerTask has by default."""
     if counter:
         done(counter)
+
+
+# -- limits (benchmarks/limits.py) ------------------------------------------------------------
+
+
+def mark(run: str, kind: str) -> None:
+    r.rpush(f"marks:{run}", f"{kind} {time.time()}")
+
+
+@app.task(base=RogerTask)
+def rated(run: str, i: int) -> None:
+    """Published with rate= and rate_key= per call: records its start."""
+    mark(run, "s")
+
+
+@app.task(rate_limit="10/s")
+def celery_rated(run: str, i: int) -> None:
+    """Celery's own rate_limit (per worker)."""
+    mark(run, "s")
+
+
+@app.task(base=RogerTask)
+def slotted(run: str, i: int, duration: float = 0.05) -> None:
+    """Published with execution_key= and execution_limit= per call."""
+    mark(run, "s")
+    time.sleep(duration)
+    mark(run, "e")
+
+
+@app.task(base=RogerTask)
+def counted(counter: str = "", n: int = 0) -> None:
+    """Published with each option per call, to count Redis round trips per job."""
+    done(counter)

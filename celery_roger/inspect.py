@@ -19,7 +19,7 @@ from .job import BuriedJob, header_limit, header_rate, job_header
 from .keys import base_key, rate_text, slot_number
 from .records import StoredJob
 from .store import Store
-from .store_lines import parked_place, rate_place
+from .store_lines import parked_place, rate_lines, rate_place, throttles
 from .store_reads import LIST_CAP
 from .values import as_count, as_dict, as_key_or_none, as_str, as_time, as_time_ms
 
@@ -70,6 +70,8 @@ def info(app: Celery, store: Store) -> dict[str, Any]:
         # live limits (Roger.set_limit), by kind and key
         "limits": {"execution": reads.read(store.k_limits, store.limits, {}),
                    "rate": reads.read(store.k_rate_limits, store.rates, {})},
+        "rates": rate_lines(store),
+        "throttles": throttles(store),
         "queue_keys": {"count": o.qk_count,
                        "keys": [{"key": k, "holder": j}
                                 for k, j in sorted(o.qk_sample.items())][:LIST_CAP]},
@@ -290,6 +292,9 @@ def _parked_view(store: Store, found: reads.JobRecords, view: dict[str, Any]) ->
         return True
     if rated is not None and _rate_view(store, rated, view):
         return True
+    qk = as_key_or_none(header.get("qk"))
+    if header.get("qd") == "replace" and qk and _queue_key_view(store, qk, view):
+        return True
     place = parked_place(store, ek, view["id"], header_limit(header))
     holder = place.holder_record
     alive = reads.lease_info(store, [holder["instance"]], found.now_ms).get(
@@ -324,6 +329,20 @@ def _rate_view(store: Store, rated: tuple[str, int, int], view: dict[str, Any]) 
     view["explanation"] = (f"waiting for rate {rated[0]!r} {rate}: next start in "
                            f"{place.opens_in:.1f} s; position {place.position} of "
                            f"{place.waiting} in line")
+    return True
+
+
+def _queue_key_view(store: Store, queue_key: str, view: dict[str, Any]) -> bool:
+    """A job waiting for its queue key behind a running holder (on_duplicate="replace";
+    False: it is not waiting for it)."""
+    if reads.read(store.k_qkeys, lambda: store.redis.lpos(store.qkwait_key(queue_key),
+                                                          view["id"]), None) is None:
+        return False
+    holder = store.queue_key_holder(queue_key)
+    view.update(state="parked", holder=holder, position=1, parked=1)
+    view["explanation"] = (f"waiting for queue key {queue_key!r}: running job {holder} holds "
+                           "it; it starts when that job ends, unless a newer publish replaces "
+                           "it (on_duplicate='replace')")
     return True
 
 

@@ -90,3 +90,36 @@ def rate_place(store: Store, rate_key: str, job_id: str, starts: int,
     if len(scores) >= starts:
         opens_in = max(0.0, (scores[len(scores) - starts] + window_ms - now_ms) / 1000)
     return RatePlace(position + 1, int(waiting), starts, window_ms, opens_in)
+
+
+def rate_lines(store: Store, cap: int = 50) -> dict[str, Any]:
+    """The rate keys with jobs waiting (``info()["rates"]``): how many keys, and for the
+    first ``cap`` by next opening, the key, how many wait and seconds until it may move."""
+    count = read(store.k_rate_due, lambda: store.redis.zcard(store.k_rate_due), 0)
+    due = read(store.k_rate_due, lambda: store.redis.zrange(store.k_rate_due, 0, cap - 1,
+                                                            withscores=True), [])
+    if not due:
+        return {"count": int(count), "keys": []}
+    reads = Reads(store)
+    for key, _ in due:
+        reads.add(store.ratewait_key(text(key)), 0, "llen")
+    waiting = reads.execute()
+    now_ms = store.redis_time_ms()
+    return {"count": int(count), "keys": [
+        {"key": text(key), "waiting": int(n), "opens_in": round(max(0.0, at - now_ms) / 1000, 3)}
+        for (key, at), n in zip(due, waiting, strict=True)]}
+
+
+def throttles(store: Store, cap: int = 50) -> dict[str, Any]:
+    """Queue keys inside a throttle window (queue_key_until=seconds): how many, and the
+    first ``cap`` to end, each with its holder and seconds until its window ends."""
+    count = read(store.k_qk_until, lambda: store.redis.zcard(store.k_qk_until), 0)
+    now_ms = store.redis_time_ms()
+    ending = read(store.k_qk_until, lambda: store.redis.zrangebyscore(
+        store.k_qk_until, now_ms, "+inf", start=0, num=cap, withscores=True), [])
+    holders = read(store.k_qkeys, lambda: store.redis.hmget(
+        store.k_qkeys, [k for k, _ in ending]), []) if ending else []
+    return {"count": int(count), "keys": [
+        {"key": text(key), "holder": text(holder) if holder else None,
+         "ends_in": round((at - now_ms) / 1000, 3)}
+        for (key, at), holder in zip(ending, holders, strict=True)]}

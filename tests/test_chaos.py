@@ -98,6 +98,10 @@ VISIBILITY = 8.0
 WORKERS = 3
 RATE = 34.0  # jobs published per second
 EXECUTION_KEYS = 30
+#: Every LIMITED_EVERY-th execution key (ek-00, the hottest, among them) has
+#: execution_limit LIMIT: never more than LIMIT of its jobs may run at once.
+LIMITED_EVERY = 5
+LIMIT = 3
 HOT_QUEUE_KEYS = 8
 RETRY_LEVELS = (0.3, 0.6)  # chaos_app.RETRY_LEVELS
 APPROXIMATE_ENDS = {"death-seen": 0.02, "worker-exit": 0.25, "death-unseen": float("inf")}
@@ -191,6 +195,11 @@ class FaultPlan:
 class Plan:
     jobs: list[JobPlan]
     faults: list[FaultPlan]
+
+
+def key_limit(ek: str) -> int:
+    """The execution_limit the soak publishes key ``ek`` ("ek-NN") with."""
+    return LIMIT if int(ek.rsplit("-", 1)[1]) % LIMITED_EVERY == 0 else 1
 
 
 def make_plan(seed: int, seconds: float, faults: tuple[str, ...], poisons: tuple[str, ...],
@@ -425,7 +434,9 @@ class Soak:
                 outcome: dict[str, Any] = {"t": began}
                 try:
                     tasks[job.task].apply_async((job.spec(),), task_id=job.id,
-                                                queue_key=job.qk, execution_key=job.ek)
+                                                queue_key=job.qk, execution_key=job.ek,
+                                                execution_limit=key_limit(job.ek)
+                                                if job.ek else None)
                     outcome["ok"] = True
                 except DuplicateJob as exc:
                     outcome["duplicate"] = exc.existing_id
@@ -857,24 +868,12 @@ class Attempt:
     #                            worker-exit (approximate) | open
 
 
-def subtract(lo: float, hi: float, holes: list[tuple[float, float]]) -> float:
-    """Length of [lo, hi] outside the union of ``holes``."""
-    if hi <= lo:
-        return 0.0
-    covered, cursor = 0.0, lo
-    for a, b in sorted(holes):
-        a, b = max(a, cursor), min(b, hi)
-        if b > a:
-            covered += b - a
-            cursor = b
-    return (hi - lo) - covered
-
-
 def find_overlaps(attempts: Iterable[Attempt], freezes: dict[int, list[dict[str, Any]]],
                   t0: float) -> list[dict[str, Any]]:
-    """Every pair of attempts of one execution key that ran at the same time: "overlap",
-    "after-freeze" (one was frozen past its lease while the other took the key, and went
-    on when it resumed) or "uncertain" (within what an approximate end allows)."""
+    """Every time more attempts of one execution key ran at once than its limit allows
+    (key_limit: two at once for a key of limit 1): "overlap", "after-freeze" (one was
+    frozen past its lease while another took its slot, and went on when it resumed) or
+    "uncertain" (within what an approximate end allows)."""
     by_key: dict[str, list[Attempt]] = defaultdict(list)
     for a in attempts:
         if a.ek:
@@ -882,39 +881,76 @@ def find_overlaps(attempts: Iterable[Attempt], freezes: dict[int, list[dict[str,
     overlaps: list[dict[str, Any]] = []
     for ek, group in by_key.items():
         group.sort(key=lambda a: a.start)
-        for x, a in enumerate(group):
-            for b in group[x + 1:]:
-                if b.start >= a.end:
-                    break  # sorted by start: no later attempt overlaps a either
-                lo, hi = b.start, min(a.end, b.end)
-                holes = [(f["from"], f["to"]) for f in freezes[a.pgid] + freezes[b.pgid]]
-                both_running = subtract(lo, hi, holes)
-                if both_running <= 0:
-                    continue
-                kind = "overlap"
-                # Ends known only as "dead by then": seen through a pidfd (within a few
-                # ms), a worker's exit (polled every 0.2 s), or not at all.
-                slack = max(APPROXIMATE_ENDS.get(a.end_by, 0.0),
-                            APPROXIMATE_ENDS.get(b.end_by, 0.0))
-                if both_running <= slack:
-                    kind = "uncertain"
-                for p, q in ((a, b), (b, a)):
-                    for f in freezes[p.pgid]:
-                        # p ran into a freeze longer than its lease, q took its key
-                        # meanwhile, and p went on when it resumed (what is left of the
-                        # overlap once the freeze is taken out is after the resume).
-                        if f["seconds"] >= TAKEOVER_FREEZE and p.start < f["from"] \
-                                and q.start >= f["from"] - 0.002 and hi > f["to"]:
-                            kind = "after-freeze"
-                overlaps.append({
-                    "kind": kind, "ek": ek, "seconds": round(both_running, 4),
-                    "first": {"job": a.job, "pid": a.pid, "start": a.start, "end": a.end,
-                              "end_by": a.end_by},
-                    "second": {"job": b.job, "pid": b.pid, "start": b.start, "end": b.end,
-                               "end_by": b.end_by},
-                    "same_job": a.job == b.job,
-                    "at": round(lo - t0, 2)})
+        for found in crowded(group, key_limit(ek), freezes):
+            overlaps.append({**found, "ek": ek, "limit": key_limit(ek),
+                             "at": round(found["from"] - t0, 2)})
     return overlaps
+
+
+def running_pieces(a: Attempt, holes: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The stretches of ``a`` outside its worker's freezes (``end`` None: still open)."""
+    end = a.end if a.end is not None else float("inf")
+    pieces, cursor = [], a.start
+    for lo, hi in sorted(holes):
+        if hi <= cursor or lo >= end:
+            continue
+        if lo > cursor:
+            pieces.append((cursor, lo))
+        cursor = max(cursor, hi)
+    if cursor < end:
+        pieces.append((cursor, end))
+    return pieces
+
+
+def crowded(group: list[Attempt], limit: int,
+            freezes: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The stretches in which more than ``limit`` attempts of ``group`` ran at once (each
+    attempt's worker freezes taken out), each classified as find_overlaps says."""
+    edges: list[tuple[float, int, int]] = []
+    for x, a in enumerate(group):
+        for lo, hi in running_pieces(a, [(f["from"], f["to"]) for f in freezes[a.pgid]]):
+            edges += [(lo, 1, x), (hi, -1, x)]
+    edges.sort(key=lambda e: (e[0], e[1]))  # an end before a start at the same instant
+    found: list[dict[str, Any]] = []
+    active: set[int] = set()
+    for (t, step, x), (t_next, _, _) in zip(edges, [*edges[1:], (float("inf"), 0, 0)],
+                                             strict=True):
+        if step > 0:
+            active.add(x)
+        else:
+            active.discard(x)
+        if len(active) <= limit or t_next <= t:
+            continue
+        involved = [group[i] for i in sorted(active)]
+        seconds = min(t_next, max(a.end or t for a in involved)) - t
+        if found and found[-1]["to"] >= t and found[-1]["jobs"] == [a.job for a in involved]:
+            found[-1]["to"] = t_next
+            found[-1]["seconds"] = round(found[-1]["seconds"] + seconds, 4)
+            continue
+        found.append({"kind": classify(involved, t, t_next, freezes), "from": t, "to": t_next,
+                      "seconds": round(seconds, 4), "jobs": [a.job for a in involved],
+                      "same_job": len({a.job for a in involved}) < len(involved),
+                      "attempts": [{"job": a.job, "pid": a.pid, "start": a.start,
+                                    "end": a.end, "end_by": a.end_by} for a in involved]})
+    return found
+
+
+def classify(involved: list[Attempt], lo: float, hi: float,
+             freezes: dict[int, list[dict[str, Any]]]) -> str:
+    """What a crowded stretch [lo, hi) of ``involved`` attempts is (see find_overlaps)."""
+    # Ends known only as "dead by then": seen through a pidfd (within a few ms), a
+    # worker's exit (polled every 0.2 s), or not at all.
+    slack = max(APPROXIMATE_ENDS.get(a.end_by, 0.0) for a in involved)
+    ends = [a.end for a in involved if a.end is not None]
+    if min([hi, *ends]) - lo <= slack:
+        return "uncertain"
+    for p in involved:
+        for f in freezes[p.pgid]:
+            # p ran into a freeze longer than its lease, another took its slot meanwhile,
+            # and p went on when it resumed.
+            if f["seconds"] >= TAKEOVER_FREEZE and p.start < f["from"] and lo >= f["to"] - 0.002:
+                return "after-freeze"
+    return "overlap"
 
 
 def check(soak: Soak, timeline: list[dict[str, Any]], results: dict[str, dict[str, Any]],

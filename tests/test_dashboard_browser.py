@@ -136,6 +136,39 @@ def test_the_job_page_explains_why_a_job_is_not_running(app_module, run, r, brow
     roger.cancel(holder.id)
 
 
+def test_the_overview_shows_slots_rates_and_throttles(
+        app_module, run, browser, dashboard, worker):  # noqa: F811
+    from selenium.webdriver.common.by import By
+
+    roger = Roger(app_module.app)
+    worker(concurrency=4)
+    ek, rk, qk = f"{run}:tenant", f"{run}:api", f"{run}:digest"
+    holders = [app_module.fragile.apply_async((run, f"h{i}", "sleep", 30), execution_key=ek,
+                                              execution_limit=2) for i in range(2)]
+    rated = [app_module.fragile.apply_async((run, f"r{i}"), rate="1/h", rate_key=rk)
+             for i in range(3)]
+    throttled = app_module.fragile.apply_async((run, "t"), queue_key=qk, queue_key_until=600)
+    roger.set_limit("execution", ek, 2)
+    wait_until(lambda: roger.store.redis.llen(roger.store.ratewait_key(rk)) == 2, timeout=20,
+               what="two waiting on the rate")
+    browser.get(dashboard())
+
+    def rows():
+        return [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+                for tr in browser.find_elements(By.CSS_SELECTOR, "#view tr")]
+
+    found = wait_until(lambda: (r := rows()) and any(row[:1] == [rk] for row in r) and r,
+                       timeout=15, what="the rate key's row")
+    assert [rk, "its jobs' own", "2"] == next(r for r in found if r[:1] == [rk])[:3], found
+    slots = sorted(r[1] for r in found if r[:1] == [ek])
+    assert slots == ["1", "2"], found
+    assert all(r[2] == "2 (live)" for r in found if r[:1] == [ek]), found
+    assert any(r[:2] == [qk, throttled.id] for r in found), found
+    for job in (*holders, *rated):
+        roger.cancel(job.id)
+    roger.set_limit("execution", ek, None)
+
+
 # -- crafted values: job ids, queue names, keys, arguments, errors, the partition ----------
 
 #: Run in every new document before its own scripts: records each dialog and each

@@ -361,6 +361,9 @@ def test_replace_during_a_run_leaves_exactly_one_waiting(app_module, run, r, wor
     assert store.redis.lrange(store.qkwait_key(key), 0, -1) == [burst[-1].id.encode()], \
         "exactly one waits: the newest"
     assert roger.job(holder.id)["state"] == "running", "the running holder keeps running"
+    view = roger.job(burst[-1].id)
+    assert view["state"] == "parked" and view["holder"] == holder.id, view
+    assert view["explanation"].startswith(f"waiting for queue key {key!r}: running job "), view
     assert holder.get(timeout=20) == "h"
     assert burst[-1].get(timeout=20) == "b9"
     attempts = [e["name"] for e in events(r, run, "attempt")]

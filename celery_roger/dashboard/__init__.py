@@ -68,7 +68,8 @@ class RogerCollector:
             "roger_queue_paused": ("1 if the queue is paused", "paused"),
             "roger_queue_depth": ("messages ready in the broker", "depth"),
             "roger_queue_running_jobs": ("roger jobs running", "running"),
-            "roger_queue_parked_jobs": ("jobs parked behind an execution key", "parked"),
+            "roger_queue_parked_jobs": ("jobs parked behind an execution key, waiting on a "
+                                        "rate or for a queue key (replace)", "parked"),
             "roger_queue_held_jobs": ("jobs held for a paused queue", "held_for_pause"),
             "roger_queue_buried_jobs": ("buried jobs", "buried"),
         }
@@ -100,8 +101,10 @@ class RogerCollector:
                                         stats.get("quarantined", 0)),
             "roger_orphaned_keys_total": ("queue keys released because their job was lost",
                                           stats.get("orphaned_keys", 0)),
-            "roger_live_limited_keys": ("execution keys whose limit was changed live",
-                                        len(info.get("limits", {}).get("execution", {}))),
+            "roger_live_limited_keys": ("keys whose execution limit or rate was changed live",
+                                        sum(len(v) for v in info.get("limits", {}).values())),
+            "roger_rate_keys_waiting": ("rate keys with jobs waiting for their window",
+                                        info.get("rates", {}).get("count", 0)),
         }
         for name, (doc, value) in singles.items():
             gauge = GaugeMetricFamily(name, doc, labels=["partition"])

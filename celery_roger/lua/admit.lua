@@ -29,6 +29,18 @@
 -- one is cancelled ({'cancelled', ...} for this one when it is the older).
 local now = now_ms()
 local job, ekey, rk = A.job, A.ek, A.rk
+
+-- Put the job at the end of `line` (its message in `msg`), unless it is in it already (a
+-- redelivery of a job parked by a worker that died before acking it): its position.
+local function line_up(line, msg, parked_count, id, message, queue)
+  if redis.call('HEXISTS', msg, id) == 1 then
+    local at = redis.call('LPOS', line, id)
+    if at then return at + 1 end
+  end
+  redis.call('HSET', msg, id, message)
+  redis.call('HINCRBY', parked_count, queue, 1)
+  return redis.call('RPUSH', line, id)
+end
 -- Only under a live lease: a worker whose lease ran out (stopped, stalled) may have had
 -- its jobs taken for dead; it admits nothing until its lease thread has registered again.
 local lease = redis.call('ZSCORE', K.workers, A.instance)
@@ -67,11 +79,7 @@ if A.qd == 'replace' and A.qkey ~= '' then
         cancel_now(k, waiting, tonumber(A.cancel_ttl_ms), true)
       end
       drop_reservation(K.rate, K.rate_due, rk, job)
-      if redis.call('LPOS', K.qkwait, job) == false then
-        redis.call('HSET', K.msg, job, A.message)
-        redis.call('RPUSH', K.qkwait, job)
-        redis.call('HINCRBY', K.parked_count, A.queue, 1)
-      end
+      line_up(K.qkwait, K.msg, K.parked_count, job, A.message, A.queue)
       return {'qkwait', 1, holder}
     else
       -- Held by a job that has not started: it was published after this one (this one
@@ -104,9 +112,7 @@ if ekey ~= '' then
     if not slot then
       -- (a job promoted from its rate line gives its reservation back: it waits here)
       drop_reservation(K.rate, K.rate_due, rk, job)
-      redis.call('HSET', K.msg, job, A.message)
-      local position = redis.call('RPUSH', K.parked, job)
-      redis.call('HINCRBY', K.parked_count, A.queue, 1)
+      local position = line_up(K.parked, K.msg, K.parked_count, job, A.message, A.queue)
       return {'parked', position, redis.call('HGET', K.holders, ekey) or ''}
     end
   end
@@ -130,9 +136,7 @@ if rk ~= '' then
           tonumber(A.grace_ms))
         if nxt then handed = {nxt, message, how} end
       end
-      redis.call('HSET', K.msg, job, A.message)
-      local position = redis.call('RPUSH', K.ratewait, job)
-      redis.call('HINCRBY', K.parked_count, A.queue, 1)
+      local position = line_up(K.ratewait, K.msg, K.parked_count, job, A.message, A.queue)
       rate_due_by(K.rate_due, rk, now + opening)
       return {'ratewait', position, opening, handed[1], handed[2], handed[3]}
     end

@@ -95,15 +95,27 @@
         : button("pause", "pause", {queue: name})]);
     const running = i.running.jobs.map((j) => [jobLink(j.id), text(j.task), text(j.queue),
       text(j.worker), ago(j.since), text(j.execution_key), button("cancel", "cancel", {job: j.id})]);
-    const keys = i.execution_keys.keys.map((k) => [text(k.key), jobLink(k.holder), text(k.worker),
+    const limits = i.limits || {};
+    const keyLimit = (k) => (limits.execution || {})[k] !== undefined
+      ? `${limits.execution[k]} (live)` : "";
+    const keys = i.execution_keys.keys.map((k) => [text(k.key), text(k.slot), keyLimit(k.key),
+      jobLink(k.holder), text(k.worker),
       k.worker_alive ? "yes" : h("span", {cls: "paused"}, "no"), ago(k.since), text(k.parked)]);
+    const rates = ((i.rates || {}).keys || []).map((r) => [text(r.key),
+      text((limits.rate || {})[r.key] || "its jobs' own"), text(r.waiting),
+      `${text(r.opens_in)} s`]);
     show(
       h("h3", null, "Queues"),
       table(["queue", "depth", "paused", "running", "parked", "held", "buried", ""], queues),
       h("h3", null, `Running (${text(i.running.count)})`),
       table(["job", "task", "queue", "worker", "since", "execution key", ""], running),
       h("h3", null, `Execution keys (${text(i.execution_keys.count)})`),
-      table(["key", "holder", "worker", "alive", "since", "parked"], keys),
+      table(["key", "slot", "live limit", "holder", "worker", "alive", "since", "parked"], keys),
+      h("h3", null, `Rate keys with jobs waiting (${text((i.rates || {}).count)})`),
+      table(["rate key", "rate", "waiting", "next start in"], rates),
+      h("h3", null, `Throttled queue keys (${text((i.throttles || {}).count)})`),
+      table(["queue key", "holder", "window ends in"], ((i.throttles || {}).keys || []).map(
+        (t) => [text(t.key), jobLink(t.holder), `${text(t.ends_in)} s`])),
       h("h3", null, `Queue keys: ${text(i.queue_keys.count)} \u00b7 waiting retries: ` +
         `${text(i.retrying)} \u00b7 buried: ${text(i.buried.count)} \u00b7 cancellations: ` +
         text(i.cancellations.count)),
