@@ -116,6 +116,8 @@ class Admission:
             request.roger_watch.pool = self.consumer.pool
             request.roger_watch.admitted = request._request_dict["roger_admitted"] = \
                 time.monotonic()
+            # (wall clock: when it took its start of a rate, for the job to read)
+            request._request_dict["roger_admitted_at"] = time.time()
             self.admitted[request.id] = request
             return self.handle(request)
         if admission.outcome == "cancelled":

@@ -81,6 +81,15 @@ def step(run: str, name: str, duration: float = 0.0) -> str:
     return name
 
 
+@app.task(base=RogerTask, bind=True)
+def paced(self, run: str, name: str, duration: float = 0.0) -> str:
+    """``step`` that also records when its worker admitted it (a rate's start)."""
+    record(run, "start", name=name, admitted=getattr(self.request, "roger_admitted_at", None))
+    time.sleep(duration)
+    record(run, "stop", name=name)
+    return name
+
+
 @app.task(base=RogerTask, queue_key=lambda run, n: f"{run}:num-{n}")
 def square(run: str, n: int) -> int:
     """Roger's QueueKeyJob: the queue key is computed from the arguments."""
