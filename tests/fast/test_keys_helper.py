@@ -213,3 +213,18 @@ def test_per_call_options_are_typed(tmp_path: Path) -> None:
     assert len(errors) == 2, out.stdout + out.stderr
     assert "snippet.py:9:" in errors[0] and '"on_duplicate"' in errors[0]
     assert "snippet.py:10:" in errors[1] and '"queue_key"' in errors[1]
+
+
+def test_a_rate_is_checked_where_it_is_declared(app: Celery) -> None:
+    def crawl(url: str) -> None: ...
+
+    for bad, error in (("5/d", ValueError), ("0/s", ValueError), (10, TypeError)):
+        with pytest.raises(error, match=r"kh\.crawl: rate must be"):
+            task(app, crawl, rate=bad).name  # Celery makes the class on first use
+    rated = task(app, crawl, name="kh.rated", rate="100/m")
+    assert rated.roger_rate(("u",), {}) == ("kh.rated", (100, 60_000))
+    keyed = task(app, crawl, name="kh.keyed", rate="3/s", rate_key=keys.args("url"))
+    assert keyed.roger_rate(("a",), {}) == ('kh.keyed:{"url":"a"}', (3, 1000))
+    assert keyed.roger_rate(("a",), {}, rate="7/h")[1] == (7, 3_600_000)
+    assert task(app, crawl, name="kh.none").roger_rate(("a",), {}) is None
+    assert keys.rate_text(100, 60_000) == "100/m" and keys.rate_text(3, 1500) == "3/1500ms"
