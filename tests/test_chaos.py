@@ -887,6 +887,20 @@ def find_overlaps(attempts: Iterable[Attempt], freezes: dict[int, list[dict[str,
     return overlaps
 
 
+def most_at_once(group: list[Attempt]) -> dict[str, int]:
+    """Per execution key, the most attempts of ``group`` that ran at once."""
+    by_key: dict[str, list[tuple[float, int]]] = defaultdict(list)
+    for a in group:
+        by_key[a.ek or ""] += [(a.start, 1), (a.end if a.end is not None else a.start, -1)]
+    most: dict[str, int] = {}
+    for ek, edges in by_key.items():
+        running = 0
+        for _, step in sorted(edges, key=lambda e: (e[0], e[1])):
+            running += step
+            most[ek] = max(most.get(ek, 0), running)
+    return dict(sorted(most.items()))
+
+
 def running_pieces(a: Attempt, holes: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """The stretches of ``a`` outside its worker's freezes (``end`` None: still open)."""
     end = a.end if a.end is not None else float("inf")
@@ -1273,6 +1287,9 @@ def check(soak: Soak, timeline: list[dict[str, Any]], results: dict[str, dict[st
                          for f in soak.faults],
         "callbacks_misbehaving": dict(callbacks),
         "overlaps": len(hard),
+        # (the limit-3 keys did run several at once: the soak exercised their slots)
+        "limited_keys_most_at_once": most_at_once(
+            [a for a in attempts.values() if a.ek and key_limit(a.ek) > 1]),
         "overlaps_after_freeze_beyond_lease": sum(o["kind"] == "after-freeze" for o in overlaps),
         "overlaps_uncertain": sum(o["kind"] == "uncertain" for o in overlaps),
         "lost": len(lost), "wrong_end": len(wrong),

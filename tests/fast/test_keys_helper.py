@@ -220,7 +220,7 @@ def test_a_rate_is_checked_where_it_is_declared(app: Celery) -> None:
 
     for bad, error in (("5/d", ValueError), ("0/s", ValueError), (10, TypeError)):
         with pytest.raises(error, match=r"kh\.crawl: rate must be"):
-            task(app, crawl, rate=bad).name  # Celery makes the class on first use
+            _ = task(app, crawl, rate=bad).name  # Celery makes the class on first use
     rated = task(app, crawl, name="kh.rated", rate="100/m")
     assert rated.roger_rate(("u",), {}) == ("kh.rated", (100, 60_000))
     keyed = task(app, crawl, name="kh.keyed", rate="3/s", rate_key=keys.args("url"))
