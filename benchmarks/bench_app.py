@@ -120,10 +120,11 @@ def mark(run: str, kind: str) -> None:
     r.rpush(f"marks:{run}", f"{kind} {time.time()}")
 
 
-@app.task(base=RogerTask)
-def rated(run: str, i: int) -> None:
-    """Published with rate= and rate_key= per call: records its start."""
-    mark(run, "s")
+@app.task(base=RogerTask, bind=True)
+def rated(self, run: str, i: int) -> None:
+    """Published with rate= and rate_key= per call: records its start, for its rate:
+    when its worker admitted it (its body runs a few ms later, in a pool process)."""
+    r.rpush(f"marks:{run}", f"s {getattr(self.request, 'roger_admitted_at', None) or time.time()}")
 
 
 @app.task(rate_limit="10/s")

@@ -147,9 +147,12 @@ class Store(ControlStore, FailureStore):
                 qd="replace" if replace else "", at=repr(published_at),
                 cancel_ttl_ms=self.cancel_ttl_ms,
             ),
-            keys={"parked": self.parked_key(execution_key), "rate": self.rate_key(rk),
-                  "ratewait": self.ratewait_key(rk),
-                  "qkwait": self.qkwait_key(info.get("qk") or "")},
+            keys=self.used_keys(
+                parked=execution_key and self.parked_key(execution_key),
+                rate=rk and self.rate_key(rk), ratewait=rk and self.ratewait_key(rk),
+                rate_limits=rk and self.k_rate_limits, rate_due=rk and self.k_rate_due,
+                qkwait=replace and self.qkwait_key(info.get("qk") or ""),
+                cancel_reports=replace and self.k_cancel_reports),
         )
         outcome = text(reply[0])
         if outcome in ("parked", "qkwait"):
@@ -190,8 +193,8 @@ class Store(ControlStore, FailureStore):
                 force="1" if force else "0",
                 instance=instance,
             ),
-            keys={"parked": self.parked_key(execution_key),
-                  "qkwait": self.qkwait_key(queue_key)},
+            keys=self.used_keys(parked=execution_key and self.parked_key(execution_key),
+                                qkwait=queue_key and self.qkwait_key(queue_key)),
         )
         ek_promotion = self._promotion(reply[1:4]) if len(reply) > 1 and reply[1] else None
         qk_promotion = self._promotion(reply[4:7]) if len(reply) > 4 else None

@@ -67,8 +67,32 @@ class Script:
             # falls back to a guarded script when Redis answers with an error.
             source = clock + locals_ + text
         else:
-            source = clock + lib + "\nguard_keys()\n" + locals_ + text
+            source = clock + used_parts(lib, text) + "\nguard_keys()\n" + locals_ + text
         return cls(name, keys, args, source, hashlib.sha1(source.encode("utf-8")).hexdigest())
+
+
+#: A top-level definition of lib.lua: ``local function name(`` or ``local NAME =``.
+_DEFINITION = re.compile(r"^local (?:function )?(\w+)", flags=re.M)
+
+
+def used_parts(lib: str, script: str) -> str:
+    """lib.lua's definitions that ``script`` uses (``guard_keys`` always), with those they
+    use in turn, in lib.lua's order: Redis runs a script's whole text on every call, so a
+    helper no script of this kind needs would cost each call its definition."""
+    starts = [m.start() for m in _DEFINITION.finditer(lib)]
+    parts = {
+        _DEFINITION.match(lib, a).group(1): lib[a:b]  # type: ignore[union-attr]
+        for a, b in zip(starts, [*starts[1:], len(lib)], strict=True)
+    }
+    needed: set[str] = set()
+    pending = [script, "guard_keys()"]
+    while pending:
+        body = pending.pop()
+        for name, part in parts.items():
+            if name not in needed and re.search(rf"\b{name}\b", body):
+                needed.add(name)
+                pending.append(part)
+    return "".join(part for name, part in parts.items() if name in needed)
 
 
 def _load_scripts() -> dict[str, Script]:
@@ -141,6 +165,8 @@ class StoreBase:
         self.k_rate_due = self.prefix + "rate_due"
         self.k_rate_limits = self.prefix + "rate_limits"
         self.k_qk_prev = self.prefix + "qk_prev"
+        #: given for a key a script will not touch on a call (``used_keys``)
+        self.k_unused = self.prefix + "unused"
         self.cancel_ttl_ms = int(settings.cancel_ttl * 1000)
         #: whether this partition's key names are known to be this version's (migrate)
         self.migrated = False
@@ -187,6 +213,13 @@ class StoreBase:
 
     def parked_key(self, execution_key: str) -> str:
         return f"{self.prefix}parked:{execution_key}"
+
+    def used_keys(self, **keys: Any) -> dict[str, str]:
+        """KEYS for ``_run``: each given key name, or, where it is falsy (the script will
+        not touch that key on this call: a job without an execution key, a rate, ...),
+        ``unused``, which names no key roger has, so the script's key-type guard passes
+        over it without a call to Redis (each TYPE costs every call a few µs)."""
+        return {name: key or self.k_unused for name, key in keys.items()}
 
     def rate_key(self, rate_key: str) -> str:
         """The window of a rate key: its recent starts and reservations (lib.lua)."""
