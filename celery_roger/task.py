@@ -78,8 +78,9 @@ class RogerTask(Task, metaclass=RogerTaskType):
 
     queue_key: ClassVar[Any] = None
     execution_key: ClassVar[Any] = None
-    #: What publishing a job whose queue key is held does: "raise" DuplicateJob, or
-    #: return the "existing" job's AsyncResult (use it for tasks sent by celery beat).
+    #: What publishing a job whose queue key is held does: "raise" DuplicateJob, return
+    #: the "existing" job's AsyncResult (use it for tasks sent by celery beat), or
+    #: "replace" it (the newest publish wins: debounce).
     #: None: the ``roger_on_duplicate`` setting ("raise" unless set).
     on_duplicate: ClassVar[str | None] = None
     #: When the queue key goes: "end" (the attempt ends), "start" (the attempt starts: a
