@@ -384,3 +384,52 @@ def test_replace_with_a_throttle_window_is_refused(app_module, run):
     with pytest.raises(ValueError, match="on_duplicate='replace' cannot be combined"):
         app_module.fragile.apply_async((run, "x"), queue_key=f"{run}:k", queue_key_until=5,
                                        on_duplicate="replace")
+
+
+def test_replace_never_loses_both(app_module, run, redis_url):
+    """A replacing publish that fails leaves the holder its key, uncancelled."""
+    from celery import Celery
+
+    from celery_roger import RogerTask
+
+    from .conftest import delete_queues, on_redis_broker
+
+    key, queue = f"{run}:k", f"nobody-{run}"
+    holder = app_module.fragile.apply_async((run, "h"), queue_key=key, queue=queue)
+    down = "redis://127.0.0.1:9/0" if on_redis_broker() else "amqp://guest:guest@127.0.0.1:9//"
+    app = Celery("down", broker=down)
+    app.conf.update(roger_redis_url=redis_url, roger_partition="test",
+                    task_publish_retry=False, broker_connection_retry=False,
+                    broker_connection_timeout=1)
+
+    @app.task(base=RogerTask, name="down.job", shared=False)
+    def job():
+        return 1
+
+    with pytest.raises(Exception) as info:
+        job.apply_async(queue_key=key, on_duplicate="replace")
+    assert not isinstance(info.value, DuplicateJob)
+    store = Roger(app_module.app).store
+    assert store.queue_key_holder(key) == holder.id, "the key went back to the holder"
+    assert not store.is_cancelled(holder.id), "the holder was not cancelled"
+    Roger(app_module.app).cancel(holder.id)
+    delete_queues(app_module.app, [queue])
+
+
+def test_a_publisher_dying_mid_replace_gives_the_key_back(app_module, run, worker):
+    key, queue = f"{run}:k", f"nobody-{run}"
+    worker()  # its tick heals what the dead publisher left
+    holder = app_module.fragile.apply_async((run, "h"), queue_key=key, queue=queue)
+    store = Roger(app_module.app).store
+    # A publisher (grace 0.5 s) takes the key over, then dies before sending.
+    outcome = store._run("replace_take", dict(qkey=key, job="ghost", grace_ms=500))
+    assert [o.decode() for o in outcome] == ["replacing", holder.id]
+    assert store.queue_key_holder(key) == "ghost"
+    wait_until(lambda: store.queue_key_holder(key) == holder.id, timeout=15,
+               what="the displaced holder given its key back after the grace")
+    assert not store.is_cancelled(holder.id)
+    with pytest.raises(DuplicateJob):
+        app_module.fragile.apply_async((run, "again"), queue_key=key)
+    Roger(app_module.app).cancel(holder.id)
+    from .conftest import delete_queues
+    delete_queues(app_module.app, [queue])
