@@ -165,8 +165,7 @@ class StoreBase:
         self.k_rate_due = self.prefix + "rate_due"
         self.k_rate_limits = self.prefix + "rate_limits"
         self.k_qk_prev = self.prefix + "qk_prev"
-        #: given for a key a script will not touch on a call (``used_keys``)
-        self.k_unused = self.prefix + "unused"
+        self.k_unused = self.prefix + "unused"  # a key a call will not touch (used_keys)
         self.cancel_ttl_ms = int(settings.cancel_ttl * 1000)
         #: whether this partition's key names are known to be this version's (migrate)
         self.migrated = False
