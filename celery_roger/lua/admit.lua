@@ -144,10 +144,7 @@ if rk ~= '' then
   redis.call('ZADD', K.rate, now, job .. '@' .. now)
 end
 
-if slot and not own then
-  redis.call('HSET', K.holders, slot, job)
-  if slot ~= ekey then redis.call('HSET', K.slots, job, slot) end
-end
+if slot and not own then take_slot(K.holders, K.slots, ekey, slot, job) end
 if A.qk_release == '1' then  -- queue_key_until="start": the key goes as the job starts
   release_queue_key(K.qkeys, K.qk_pending, A.qkey, job, K.qk_until)
 end

@@ -37,11 +37,22 @@ local function slot_index(slot)
   return tonumber(i) or 1
 end
 
--- The slot `job` holds of `ekey` (its name), or nil.
+-- The slot `job` holds of `ekey` (its name), or nil: the one `slots` names, else slot 1.
 local function held_slot(holders, slots, ekey, job)
-  local slot = redis.call('HGET', slots, job) or ekey
-  if redis.call('HGET', holders, slot) == job then return slot end
+  local slot = redis.call('HGET', slots, job)
+  if slot and redis.call('HGET', holders, slot) == job then return slot end
+  if redis.call('HGET', holders, ekey) == job then return ekey end
   return nil
+end
+
+-- Record that `job` holds `slot` of `ekey` (slot 1 needs no record).
+local function take_slot(holders, slots, ekey, slot, job)
+  redis.call('HSET', holders, slot, job)
+  if slot ~= ekey then
+    redis.call('HSET', slots, job, slot)
+  else
+    redis.call('HDEL', slots, job)
+  end
 end
 
 -- The limit of `ekey`: its live limit, else `given` (the job's own), at least 1.
@@ -298,22 +309,31 @@ end
 -- stored message and how it was sent (send_promoted); or nil.
 -- k: {parked, msg, parked_count, holders, slots, promoting} key names.
 local function hand_on(k, ekey, slot, grace_ms)
+  redis.call('HDEL', k.holders, slot)
+  -- A job parked while it still holds a slot of this key (a second delivery, whose
+  -- earlier attempt is recorded as running: its end was not recorded) is passed over and
+  -- stays first in line until that attempt is finished: it is never handed two slots.
+  local passed = {}
+  local function done(...)
+    for i = #passed, 1, -1 do redis.call('LPUSH', k.parked, passed[i]) end
+    return ...
+  end
   while true do
     local nxt = redis.call('LPOP', k.parked)
-    if not nxt then
-      redis.call('HDEL', k.holders, slot)
-      return nil
-    end
-    local message = redis.call('HGET', k.msg, nxt)
-    local decoded = stored_object(k.msg, nxt, message)
-    local queue = str(dig(decoded, 'headers', 'roger', 'q'))
-    if queue then redis.call('HINCRBY', k.parked_count, queue, -1) end
-    if decoded and type(decoded.body) == 'string' then
-      redis.call('HSET', k.holders, slot, nxt)
-      if slot ~= ekey then redis.call('HSET', k.slots, nxt, slot) end
-      return nxt, message, send_promoted(k.promoting, nxt, decoded, grace_ms)
-    elseif decoded then
-      quarantine_field(k.msg, nxt, message, 'a parked message without a body')
+    if not nxt then return done(nil) end
+    if held_slot(k.holders, k.slots, ekey, nxt) then
+      table.insert(passed, nxt)
+    else
+      local message = redis.call('HGET', k.msg, nxt)
+      local decoded = stored_object(k.msg, nxt, message)
+      local queue = str(dig(decoded, 'headers', 'roger', 'q'))
+      if queue then redis.call('HINCRBY', k.parked_count, queue, -1) end
+      if decoded and type(decoded.body) == 'string' then
+        take_slot(k.holders, k.slots, ekey, slot, nxt)
+        return done(nxt, message, send_promoted(k.promoting, nxt, decoded, grace_ms))
+      elseif decoded then
+        quarantine_field(k.msg, nxt, message, 'a parked message without a body')
+      end
     end
   end
 end

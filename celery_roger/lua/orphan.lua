@@ -1,4 +1,4 @@
---! KEYS: qkeys qk_pending qk_until running msg held_msg buried_msg orphan_suspects orphan_suspect_keys stats holders promoting
+--! KEYS: qkeys qk_pending qk_until running msg held_msg buried_msg orphan_suspects orphan_suspect_keys stats holders promoting slots
 --! ARGV: kind job key verdict
 -- The broker check of a suspect found by sweep_keys.lua is done. 'keep': the job is in
 -- the broker, waiting its turn: its wait starts again. 'release': the job is nowhere;
@@ -24,6 +24,9 @@ redis.call('HDEL', K.orphan_suspect_keys, member)
 if kind == 'e' then
   if redis.call('HGET', K.holders, key) ~= job or holder_accounted(k, job) then return 0 end
   redis.call('HINCRBY', K.stats, 'orphaned_keys', 1)
+  -- What finishes or admits the job next finds this very slot (`slots`, lib.lua).
+  local slot_one = string.match(key, '^(.*)%z#%d+$')
+  take_slot(K.holders, K.slots, slot_one or key, key, job)
   if redis.call('HEXISTS', K.msg, job) == 1 then
     redis.call('ZADD', K.promoting, now_ms(), job)
     return 2

@@ -306,6 +306,40 @@ def test_a_key_of_limit_3_runs_three_and_hands_each_freed_slot_to_the_next_in_li
     assert store.parked_ids("e") == []
 
 
+def test_a_second_delivery_of_a_slot_holder_is_never_handed_a_second_slot(store):
+    """A job whose end was not recorded (Redis was down) is delivered again and parks
+    behind its own slot: freed slots pass it over (it stays first) until its earlier
+    attempt is finished; then it gets one slot. The chaos soak found the leak this was."""
+    store.renew("w1", registered=False)
+    assert [admit(store, j, "e", limit=3) for j in "axy"] == ["run"] * 3
+    assert admit(store, "a", "e", limit=3) == "parked", "a runs still, as far as Redis knows"
+    assert admit(store, "b", "e", limit=3) == "parked"
+    done = store.finish("x", execution_key="e", instance="w1")
+    assert done.promotion is not None and done.promotion.job_id == "b", "a is passed over"
+    assert store.parked_ids("e") == ["a"], "a stays first in line"
+    assert [v.decode() for v in store.redis.hgetall(store.k_holders).values()].count("a") == 1
+    store.confirm_promoted("b")
+    # The reconcile finishes a's earlier attempt: its slot goes to a itself.
+    done = store.finish("a", execution_key="e", instance="w1")
+    assert done.promotion is not None and done.promotion.job_id == "a"
+    for job in "aby":
+        store.finish(job, execution_key="e", instance="w1")
+    assert store.redis.hlen(store.k_holders) == 0 and store.redis.hlen(store.k_slots) == 0
+
+
+def test_an_orphaned_slot_is_released_exactly(store):
+    """The orphan sweep names the very slot a lost job holds, whatever `slots` says."""
+    store.renew("w1", registered=False)
+    assert [admit(store, j, "e", limit=3) for j in "abc"] == ["run"] * 3
+    slot = store.redis.hget(store.k_slots, "c").decode()
+    store.redis.hdel(store.k_running, "c")  # c is nowhere now
+    store.redis.hset(store.k_slots, "c", "e\x00#2")  # and its record names another slot
+    assert store.orphan("e", "c", slot, release=True) == 3
+    store.finish("c", execution_key="e")
+    assert store.redis.hget(store.k_holders, slot) is None, "the orphaned slot is free"
+    assert store.redis.hget(store.k_holders, "e\x00#2").decode() == "b"
+
+
 def test_a_new_job_never_overtakes_a_parked_one(store):
     store.renew("w1", registered=False)
     assert admit(store, "a", "e") == "run"
