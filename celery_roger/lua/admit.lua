@@ -100,9 +100,12 @@ if ekey ~= '' then
     redis.call('HDEL', K.msg, job)
     redis.call('ZREM', K.promoting, job)
   else
-    -- A free slot within the key's limit, unless jobs are parked (no overtaking).
+    -- A free slot within the key's limit, unless jobs are parked (no overtaking), or
+    -- this job holds a slot already (a second delivery of a job recorded as running: it
+    -- waits for that attempt, never taking a second slot).
+    local holds = slot ~= nil
     slot = nil
-    if redis.call('LLEN', K.parked) == 0 then
+    if not holds and redis.call('LLEN', K.parked) == 0 then
       local limit = key_limit(K.limits, ekey, A.limit)
       for i = 1, limit do
         local free = slot_name(ekey, i)

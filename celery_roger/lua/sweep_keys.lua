@@ -32,7 +32,12 @@ end
 local function suspect(kind, job, key)
   local member = kind .. ':' .. job
   local first = redis.call('ZSCORE', K.orphan_suspects, member)
-  if not first or redis.call('HGET', K.orphan_suspect_keys, member) ~= key then
+  local known = redis.call('HGET', K.orphan_suspect_keys, member)
+  if first and known and known ~= key and kind == 'e'
+      and redis.call('HGET', K.holders, known) == job then
+    return  -- it holds another slot already suspected: that one ages first
+  end
+  if not first or known ~= key then
     redis.call('ZADD', K.orphan_suspects, now, member)
     redis.call('HSET', K.orphan_suspect_keys, member, key)
   elseif now - tonumber(first) >= tonumber(A.threshold_ms) then

@@ -327,6 +327,19 @@ def test_a_second_delivery_of_a_slot_holder_is_never_handed_a_second_slot(store)
     assert store.redis.hlen(store.k_holders) == 0 and store.redis.hlen(store.k_slots) == 0
 
 
+def test_a_second_delivery_never_takes_a_second_free_slot(store):
+    """Copies of one job delivered at once (a broker stall, a publish retried): while one
+    is recorded as running, the others wait, though the key has free slots."""
+    store.renew("w1", registered=False)
+    assert admit(store, "a", "e", limit=3) == "run"
+    assert admit(store, "a", "e", limit=3) == "parked"
+    assert admit(store, "a", "e", limit=3) == "parked"
+    assert [v.decode() for v in store.redis.hgetall(store.k_holders).values()] == ["a"]
+    assert admit(store, "b", "e", limit=3) == "parked", "no overtaking of the copies"
+    done = store.finish("a", execution_key="e", instance="w1")
+    assert done.promotion is not None and done.promotion.job_id == "a", "the next copy"
+
+
 def test_an_orphaned_slot_is_released_exactly(store):
     """The orphan sweep names the very slot a lost job holds, whatever `slots` says."""
     store.renew("w1", registered=False)
