@@ -132,7 +132,7 @@ def test_bad_on_duplicate_setting_stops_the_worker_at_start(app_module, run, red
         with pytest.raises(RuntimeError, match="worker exited"):
             w.start(timeout=30)
         log = w.log()
-        assert "setting roger_on_duplicate must be one of ('raise', 'existing'), got " \
+        assert "setting roger_on_duplicate must be one of ('raise', 'existing', 'replace'), got " \
                "'ignore'" in log, log[-3000:]
     finally:
         w.stop()
