@@ -397,12 +397,12 @@ def test_replace_never_loses_both(app_module, run, redis_url):
     key, queue = f"{run}:k", f"nobody-{run}"
     holder = app_module.fragile.apply_async((run, "h"), queue_key=key, queue=queue)
     down = "redis://127.0.0.1:9/0" if on_redis_broker() else "amqp://guest:guest@127.0.0.1:9//"
-    app = Celery("down", broker=down)
+    app = Celery("down-replace", broker=down)
     app.conf.update(roger_redis_url=redis_url, roger_partition="test",
                     task_publish_retry=False, broker_connection_retry=False,
                     broker_connection_timeout=1)
 
-    @app.task(base=RogerTask, name="down.job", shared=False)
+    @app.task(base=RogerTask, name="down.replacing", shared=False)
     def job():
         return 1
 
