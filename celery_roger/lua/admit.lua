@@ -92,8 +92,8 @@ end
 
 local slot, own = nil, false
 if ekey ~= '' then
-  -- The job holds a slot only when one was handed to it on promotion; a second delivery
-  -- of a job that is already running waits its turn like any other.
+  -- The job holds a slot it may use only when one was handed to it on promotion (it is
+  -- not recorded as running); a second delivery of a job recorded as running waits.
   slot = held_slot(K.holders, K.slots, ekey, job)
   own = slot ~= nil and redis.call('HEXISTS', K.running, job) == 0
   if own then
