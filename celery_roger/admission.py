@@ -29,7 +29,7 @@ from .job import (
     job_keys,
     small_arguments,
 )
-from .lifecycle import RATE_OPENED, finish_job, hand_off
+from .lifecycle import KEY_HANDED, RATE_OPENED, finish_job, hand_off
 from .publish import capture
 from .queues import QueueControl
 from .runtime import healer_of, runtime
@@ -194,14 +194,13 @@ class Admission:
         if woke.next_in is not None:
             self.wake_rate(rate_key, woke.next_in)
 
-    def _send(self, promotion: Any, why: str | None = None) -> None:
+    def _send(self, promotion: Any, why: str = KEY_HANDED) -> None:
         """Send a promoted job from the publishing thread (here if there is none)."""
         healer = healer_of(self.app)
-        args = (promotion,) if why is None else (promotion, why)
         if healer is not None:
-            healer.hand_off(*args)
+            healer.hand_off(promotion, why)
         else:
-            hand_off(self.app, *args)
+            hand_off(self.app, promotion, why)
 
     def _drop(self, request: Any) -> None:
         """The job is kept in Redis (or cancelled): ack its message, free its slot."""

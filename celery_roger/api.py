@@ -14,7 +14,7 @@ from .failure import send_entry
 from .install import install
 from .job import FRESH_ADMISSION_SECONDS, HEADER, BuriedJob, job_keys
 from .keys import execution_limit, rate, validate
-from .lifecycle import RATE_OPENED, finish_job, hand_off, publish_due
+from .lifecycle import KEY_HANDED, RATE_OPENED, finish_job, hand_off, publish_due
 from .runtime import runtime
 from .store import preview
 
@@ -76,7 +76,7 @@ class Roger:
             validate("set_limit", "execution_key", key)
             limit = None if value is None else execution_limit(label, value)
             promotions = self.store.set_limit(key, limit)
-            why = "its execution key was handed to it"
+            why = KEY_HANDED
         for promotion in promotions:
             hand_off(self.app, promotion, why)
         return [p.job_id for p in promotions]

@@ -25,6 +25,7 @@ from .failure import job_from_stored, request_from_stored
 from .job import Job, as_key, finite
 from .lease import UNREACHABLE, Lease, Offload
 from .lifecycle import (
+    KEY_HANDED,
     RATE_OPENED,
     finish_quietly,
     hand_off,
@@ -197,7 +198,7 @@ class Healer:
             logger.exception("roger: could not %s; going on with the rest", what)
 
     def hand_off(self, promotion: Promotion,
-                 why: str = "its execution key was handed to it") -> None:
+                 why: str = KEY_HANDED) -> None:
         """Publish a promoted job on the publishing thread."""
         self.publisher.submit(f"hand-off of job {promotion.job_id}", hand_off, self.app,
                               promotion, why, key=promotion.job_id)

@@ -28,12 +28,14 @@ from .values import as_key_or_none
 logger = logging.getLogger("celery_roger")
 
 
-#: Why a job waiting on a rate was sent on (hand_off's log line).
+#: Why a parked job was sent on (hand_off's log line): its execution slot was handed to
+#: it, or, waiting on a rate, its window opened.
+KEY_HANDED = "its execution key was handed to it"
 RATE_OPENED = "its rate's window opened"
 
 
 def hand_off(app: Celery, promotion: Promotion,
-             why: str = "its execution key was handed to it") -> None:
+             why: str = KEY_HANDED) -> None:
     """Publish a promoted job; if that fails, a worker's tick publishes it later."""
     store = runtime(app).store
     if not promotion.pushed:  # else finish.lua pushed it to its queue itself
