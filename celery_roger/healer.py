@@ -250,10 +250,14 @@ class Healer:
         for job_id, info in recorded.items():
             if job_id in here or (finite(info.get("admitted_at")) or 0.0) > young:
                 continue
-            logger.warning("Job %s ended on this worker but its keys were still held "
-                           "(Redis was unreachable at its end): releasing them", job_id)
-            finish_quietly(self.app, job_id, as_key(info.get("ek")), as_key(info.get("qk")),
-                           publish=self.hand_off, instance=self.instance)
+            ek, qk = as_key(info.get("ek")), as_key(info.get("qk"))
+            if ek or qk:
+                logger.warning("Job %s ended on this worker but its keys were still held "
+                               "(Redis was unreachable at its end): releasing them", job_id)
+            else:  # (nothing to release: a job without keys whose end was not recorded)
+                logger.info("Job %s ended on this worker: forgetting it as running", job_id)
+            finish_quietly(self.app, job_id, ek, qk, publish=self.hand_off,
+                           instance=self.instance)
 
     def _report_local(self) -> None:
         """Cancellations seen by this worker's event loop: Redis work here, callbacks on

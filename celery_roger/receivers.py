@@ -14,6 +14,7 @@ from celery import signals
 from redis.exceptions import RedisError
 
 from . import events
+from .deferred import DEFERRED
 from .job import Job, is_roger_task, job_header, job_keys
 from .lease import POOL_SLOTS, JobGuard, in_pool_process, pool_index
 from .lifecycle import finish_quietly
@@ -150,6 +151,13 @@ def _die_with_parent(**_: Any) -> None:
             libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except OSError:
             logger.debug("prctl(PR_SET_PDEATHSIG) unavailable")
+
+
+@signals.worker_process_shutdown.connect(weak=False, dispatch_uid="celery_roger.process_exit")
+def _flush_ended(**_: Any) -> None:
+    """A pool process that exits (max_tasks_per_child, a warm shutdown) first forgets its
+    last job without keys as running (deferred.py)."""
+    DEFERRED.flush()
 
 
 def _started_at(request: Any) -> float:

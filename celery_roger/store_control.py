@@ -10,6 +10,9 @@ from .keys import rate_text
 from .records import Promotion, RateWake, StoredJob, compact, dumps, text
 from .store_base import StoreBase
 
+#: start.lua's arguments when no ended job rides on the call.
+_NOT_DONE = {"done": "", "done_record": ""}
+
 
 class ControlStore(StoreBase):
     """Cancel, pause, hold, resume; keys and parked jobs as an operator sees them."""
@@ -18,23 +21,27 @@ class ControlStore(StoreBase):
         self,
         job_id: str,
         queue: str,
-        info: dict[str, Any] | None = None,
+        info: dict[str, Any] | str | None = None,
         instance: str = "",
         queue_key: str = "",
         qk_release: bool = False,
+        done: dict[str, str] | None = None,
     ) -> tuple[str, bool, dict[str, Any] | None]:
         """The check right before a job's body runs, and the admission of a job without
-        an execution key (``info``): (outcome, report its cancel, crashed earlier attempt).
+        an execution key (``info``, or its JSON as ``compact`` writes it): (outcome, report
+        its cancel, crashed earlier attempt). ``done``: the end of this process's previous
+        job without keys, carried out first (``deferred.Ended.args``).
         """
         reply = self._run(
             "start",
             dict(
                 job=job_id,
                 queue=queue,
-                info=compact(info) if info else "",
+                info=(info if isinstance(info, str) else compact(info)) if info else "",
                 instance=instance,
                 qkey=queue_key,
                 qk_release="1" if qk_release else "0",
+                **(done or _NOT_DONE),
             ),
         )
         outcome = text(reply[0])
@@ -42,6 +49,11 @@ class ControlStore(StoreBase):
             return outcome, bool(int(reply[1])), None
         crashed = self.decode(reply[1], self.k_running, job_id) if len(reply) > 1 else None
         return outcome, False, crashed
+
+    def forget_ended(self, job_id: str, record: str) -> None:
+        """The deferred end of a job without keys (deferred.py): forget it as running if
+        its running record is still ``record``, the one its start wrote."""
+        self._run("forget_ended", dict(job=job_id, record=record))
 
     def claim_cancel(self, job_id: str) -> bool:
         """Remember ``job_id`` as cancelled; true for the one caller that reports it."""

@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 from . import events, keys
 from .compose import RogerTaskType
 from .config import retry_levels
+from .deferred import DEFERRED
 from .errors import ConfigurationError, JobAborted, JobTimeout
 from .failure import (
     Decision,
@@ -31,6 +32,7 @@ from .job import FRESH_ADMISSION_SECONDS, Job, job_keys, small_arguments
 from .lease import in_pool_process
 from .lifecycle import finish_quietly, report_crash
 from .publish import UNSET, republishing
+from .records import compact
 from .runtime import runtime
 
 logger = logging.getLogger("celery_roger")
@@ -63,6 +65,8 @@ class Attempt:
     report_cancel: bool = False
     #: Put back for its paused queue: it keeps its queue key.
     paused: bool = False
+    #: The running record its start check wrote (a job without an execution key).
+    record: str = ""
 
 
 class RogerTask(Task, metaclass=RogerTaskType):
@@ -195,18 +199,23 @@ class RogerTask(Task, metaclass=RogerTaskType):
         if job.admitted_by_worker and isinstance(admitted, float) and \
                 time.monotonic() - admitted < FRESH_ADMISSION_SECONDS:
             return
-        info = None
+        record = ""
         instance = getattr(request, "roger_instance", None) or ""
         if not job.admitted_by_worker and instance:
-            info = {"job": job.id, "task": job.task, "instance": instance,
-                    "worker": request.hostname, "pid": os.getpid(), "ek": "",
-                    "qk": job.queue_key or "", "queue": job.queue,
-                    "admitted_at": job.started_at, **small_arguments(args, kwargs)}
+            record = compact({
+                "job": job.id, "task": job.task, "instance": instance,
+                "worker": request.hostname, "pid": os.getpid(), "ek": "",
+                "qk": job.queue_key or "", "queue": job.queue, "admitted_at": job.started_at,
+                **small_arguments(args, kwargs)})
+        store = runtime(self.app).store
+        ended = DEFERRED.take(store)
         try:
-            outcome, report, crashed = runtime(self.app).store.start(
-                request.id, job.queue, info, instance, job.queue_key or "",
-                qk_release=job.queue_key_at_start)
+            outcome, report, crashed = store.start(
+                request.id, job.queue, record, instance, job.queue_key or "",
+                qk_release=job.queue_key_at_start,
+                done=ended.args() if ended else None)
         except RedisError as exc:
+            DEFERRED.give_back(ended)
             # Neither run nor dropped: back to the broker, after a pause.
             logger.error("Cannot start job %s[%s] (Redis: %s); it goes back to its "
                          "queue", job.task, job.id, exc)
@@ -218,6 +227,7 @@ class RogerTask(Task, metaclass=RogerTaskType):
             self._roger_cancelled(attempt, request, report)
         if outcome == "paused":
             self._roger_hold_for_pause(attempt, request)
+        attempt.record = record
 
     def roger_end_attempt(self, task_id: str, retval: Any, state: str) -> None:
         """The attempt ended in the job's process, its result stored (``task_postrun``):
@@ -226,9 +236,13 @@ class RogerTask(Task, metaclass=RogerTaskType):
         request = self.request
         ek, qk = job_keys(request)
         attempt = getattr(request, "_roger_attempt", None)
-        # A job held for its paused queue is still pending: it keeps its queue key.
-        finish_quietly(self.app, task_id, ek, "" if attempt and attempt.paused else qk,
-                       instance=getattr(request, "roger_instance", None))
+        if attempt is not None and attempt.record and not (ek or qk) and in_pool_process():
+            # Nothing to release: its process's next start forgets it as running.
+            DEFERRED.put(runtime(self.app).store, task_id, attempt.record)
+        else:
+            # A job held for its paused queue is still pending: it keeps its queue key.
+            finish_quietly(self.app, task_id, ek, "" if attempt and attempt.paused else qk,
+                           instance=getattr(request, "roger_instance", None))
         if attempt is None:
             return
         callbacks = runtime(self.app).callbacks

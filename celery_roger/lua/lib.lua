@@ -252,6 +252,13 @@ local function arrival_check(job, queue, qkey, now, k)
   return nil
 end
 
+-- Forget `job` as running if its record is still `record`, the one its attempt wrote
+-- (the end of a job without keys, deferred by its process: deferred.py): never a later
+-- attempt's record. (A byte comparison: no JSON decoding on the hot path.)
+local function forget_ended(running, job, record)
+  if redis.call('HGET', running, job) == record then redis.call('HDEL', running, job) end
+end
+
 -- Record a job as running under `instance` (admit.lua, start.lua). A redelivered job whose
 -- earlier attempt was recorded under another instance: if that instance's lease has
 -- ended, returns that attempt's record (the caller reports the crash); if it still lasts,

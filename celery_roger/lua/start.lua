@@ -1,17 +1,21 @@
 --! KEYS: cancelled cancel_reported paused stats workers running crash_checks crash_info qkeys qk_pending qk_until
---! ARGV: job queue info instance qkey qk_release
+--! ARGV: job queue info instance qkey qk_release done done_record
 -- Start: the check a job passes in its own process right before its body runs, for
 -- what changed after its admission (a cancel, a pause). A job without an execution key
 -- is admitted here (info json given): recorded as running under its worker's instance.
 -- KEYS: cancelled, cancel_reported, paused, stats, workers, running, crash_checks (zset
 --       job -> when to check), crash_info (hash job -> earlier attempt's record), qkeys,
 --       qk_pending
--- ARGV: job id, queue, info json or '', worker instance, queue key or ''
+-- ARGV: job id, queue, info json or '', worker instance, queue key or '', '1' to release
+--       the queue key now; done, done_record: the process's previous job without keys,
+--       which ended, and the running record its start wrote (its finish, folded into
+--       this call: deferred.py), or ''
 -- A redelivered job whose earlier attempt was recorded under another, dead instance
 -- returns {'run', that record} (the caller reports the crash); if that instance's lease
 -- still lasts, a tick checks again when it ends.
 -- Returns {'cancelled', 1 if this call claims its on_cancel}, {'paused'} or {'run'}.
 local now = now_ms()
+if A.done ~= '' then forget_ended(K.running, A.done, A.done_record) end
 local refused = arrival_check(A.job, A.queue, A.qkey, now, {
   qkeys = K.qkeys, qk_pending = K.qk_pending, cancelled = K.cancelled, cancel_reported = K.cancel_reported,
   stats = K.stats, paused = K.paused})

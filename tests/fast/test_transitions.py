@@ -10,6 +10,7 @@ import pytest
 from celery import Celery
 
 from celery_roger import Roger, store_reads
+from celery_roger.records import compact
 from celery_roger.store import Store
 
 
@@ -121,6 +122,27 @@ def test_start_records_a_keyless_job_and_refuses_a_cancelled_one(store):
     assert "j" in store.running_on("w1")
     assert store.claim_cancel("k")
     assert store.start("k", "q", None, "w1")[:2] == ("cancelled", False), "claimed already"
+
+
+def test_a_start_carries_the_previous_jobs_end_but_never_removes_a_later_attempt(store):
+    # deferred.py: a pool process folds the end of its last job without keys into its
+    # next start; the record goes only if it is still the one that attempt wrote.
+    store.renew("w1", registered=False)
+    first = compact({"job": "a", "instance": "w1", "pid": 7, "queue": "q"})
+    assert store.start("a", "q", first, "w1")[0] == "run"
+    assert store.start("b", "q", compact({"job": "b", "instance": "w1", "pid": 7}), "w1",
+                       done={"done": "a", "done_record": first})[0] == "run"
+    assert set(store.running_on("w1")) == {"b"}, "a's end rode on b's start"
+    # a's message came back and a later attempt of it runs elsewhere: an old end of a
+    # (carried by a start, or flushed alone) leaves that attempt's record alone
+    store.renew("w2", registered=False)
+    assert store.start("a", "q", compact({"job": "a", "instance": "w2", "pid": 9}), "w2")[0] \
+        == "run"
+    store.start("c", "q", None, "w1", done={"done": "a", "done_record": first})
+    store.forget_ended("a", first)
+    assert "a" in store.running_on("w2"), "the later attempt is still running"
+    store.forget_ended("b", compact({"job": "b", "instance": "w1", "pid": 7}))
+    assert "b" not in store.running_on("w1")
 
 
 def test_start_holds_a_job_of_a_paused_queue(store):
