@@ -6,6 +6,7 @@ are admitted in delivery order, so a key's parked line is FIFO."""
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import threading
@@ -14,7 +15,7 @@ from typing import Any
 
 from celery import Celery
 from celery.worker import state as worker_state
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from . import events
 from .failure import refuse_wrong_partition
@@ -30,9 +31,11 @@ from .job import (
     small_arguments,
 )
 from .lifecycle import KEY_HANDED, RATE_OPENED, finish_job, hand_off
+from .pipe import LoopClosed, ScriptPipe
 from .publish import capture
 from .queues import QueueControl
 from .runtime import healer_of, runtime
+from .store_base import SCRIPTS
 
 logger = logging.getLogger("celery_roger")
 
@@ -62,6 +65,10 @@ class Admission:
         self.queues = QueueControl(consumer, app)
         #: rate key -> when (monotonic) this loop's timer looks at its line next
         self.rate_timers: dict[str, float] = {}
+        #: admissions sent without waiting (pipe.py); None: each call waits for its reply
+        self.pipe: ScriptPipe | None = None
+        #: the worker is stopping: a job admitted now is not given to the pool
+        self.closing = False
 
     def __call__(self, request: Any) -> Any:
         if not is_roger_task(request.task):
@@ -93,18 +100,53 @@ class Admission:
             else request.delivery_info.get("routing_key") or "",
             "admitted_at": time.time(), **small_arguments(request.args, request.kwargs),
         }
+        call: dict[str, Any] = dict(
+            instance=self.instance, execution_key=ek, info=info,
+            message={**capture(request.message), **self.fuse.place(request.message)},
+            qk_release=header.get("qu") == "start", limit=header_limit(header),
+            rate=rate, replace=replace, published_at=finite(header.get("at")) or 0.0,
+        )
+        if self.pipe is not None:
+            # Sent without waiting: the loop goes on and reads the reply when it comes.
+            keys, args = self.store.admit_args(request.id, **call)
+            self.pipe.send(SCRIPTS["admit"].sha, keys, args,
+                           functools.partial(self._replied, request, ek, qk, info["queue"]),
+                           functools.partial(self._not_sent, request, call, ek, qk,
+                                             info["queue"]))
+            return None
+        return self._admit_now(request, call, ek, qk, info["queue"])
+
+    def _admit_now(self, request: Any, call: dict[str, Any], ek: str, qk: str,
+                   queue: str) -> Any:
+        """Admit, waiting for the reply."""
         try:
-            admission = self.store.admit(
-                request.id, instance=self.instance, execution_key=ek, info=info,
-                message={**capture(request.message), **self.fuse.place(request.message)},
-                qk_release=header.get("qu") == "start", limit=header_limit(header),
-                rate=rate, replace=replace, published_at=finite(header.get("at")) or 0.0,
-            )
+            admission = self.store.admit(request.id, **call)
         except RedisError as exc:
             return self._admit_later(request, exc)
+        return self._decided(request, admission, ek, qk, queue)
+
+    def _replied(self, request: Any, ek: str, qk: str, queue: str, reply: Any) -> None:
+        self._decided(request, self.store.admission(request.id, reply), ek, qk, queue)
+
+    def _not_sent(self, request: Any, call: dict[str, Any], ek: str, qk: str, queue: str,
+                  exc: Exception) -> None:
+        """An admission through the pipe failed."""
+        if isinstance(exc, LoopClosed):
+            # The broker connection was lost with it: Celery forgot the request, and the
+            # broker gives its message back (admit.lua admits it again if it ran).
+            logger.info("Job %s[%s]: its admission was in flight when the broker "
+                        "connection was lost; the broker delivers it again",
+                        request.name, request.id)
+            return
+        if isinstance(exc, NoScriptError):  # Redis lost its scripts: this call loads it
+            self._admit_now(request, call, ek, qk, queue)
+            return
+        self._admit_later(request, exc)
+
+    def _decided(self, request: Any, admission: Any, ek: str, qk: str, queue: str) -> Any:
         if admission.outcome == "nolease":
             return self._admit_later(request, RuntimeError("this worker's lease has run out"))
-        return self._admitted(request, admission, ek, qk, info["queue"])
+        return self._admitted(request, admission, ek, qk, queue)
 
     def _admitted(self, request: Any, admission: Any, ek: str, qk: str, queue: str) -> Any:
         """Act on what admit.lua decided: run, drop a cancelled job, hold a job of a paused
@@ -119,6 +161,8 @@ class Admission:
             # (wall clock: when it took its start of a rate, for the job to read)
             request._request_dict["roger_admitted_at"] = time.time()
             self.admitted[request.id] = request
+            if self.closing:  # (its key is handed on as the worker stops: consumer.py)
+                return None
             return self.handle(request)
         if admission.outcome == "cancelled":
             logger.info("Dropped cancelled job %s[%s]", request.name, request.id)
@@ -221,6 +265,14 @@ class Admission:
             request.name, request.id, exc, delay,
         )
         self.consumer.timer.call_after(delay, self.admit, (request,))
+
+    def close(self) -> None:
+        """The worker stops: read the admissions still in flight (a job admitted then is
+        recorded here, not run, so the worker's exit hands its key on)."""
+        self.closing = True
+        if self.pipe is not None:
+            self.pipe.drain()
+            self.pipe.close()
 
     def forget_done(self) -> None:
         reserved = worker_state.reserved_requests

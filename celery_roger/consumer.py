@@ -19,6 +19,7 @@ from .healer import Healer, new_instance
 from .job import job_keys
 from .kombu_guard import guard_redis_transport
 from .lifecycle import finish_quietly
+from .pipe import ScriptPipe, can_pipe
 from .redis_guard import guard_fork
 from .runtime import healers, pop_healer, register_healer, runtime
 
@@ -73,6 +74,7 @@ class RogerConsumerStep(bootsteps.StartStopStep):
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
         self.healer: Healer | None = None
+        self.admission: Admission | None = None
 
     def start(self, c: Any) -> None:
         runtime(c.app).callbacks  # noqa: B018 (a bad roger_callbacks stops the worker here)
@@ -81,6 +83,11 @@ class RogerConsumerStep(bootsteps.StartStopStep):
         if not isinstance(c.on_task_request, Admission):
             c.on_task_request = Admission(c, c.app, new_instance(c.hostname))
             c.update_strategies()
+        admission = self.admission = c.on_task_request
+        store = admission.store
+        if admission.pipe is None and c.hub is not None and store.settings.pipelined_admission \
+                and can_pipe(store.redis):
+            admission.pipe = ScriptPipe(store.redis, c.hub)
         c.on_task_request.queues.start()
         if self.healer is None:
             healer = self.healer = Healer(c.app, c.on_task_request)
@@ -91,6 +98,8 @@ class RogerConsumerStep(bootsteps.StartStopStep):
             c.timer.call_repeatedly(WATCH_SECONDS, self.watch)
 
     def watch(self) -> None:
+        if self.admission is not None and self.admission.pipe is not None:
+            self.admission.pipe.poll()
         for healer in healers():
             try:
                 healer.watch()
@@ -107,6 +116,7 @@ def _deregister(**_: Any) -> None:
     """The pool has stopped: give back what this worker holds, without waiting a lease."""
     while (healer := pop_healer()) is not None:
         healer.stop()
+        healer.admission.close()
         for request in list(healer.admission.admitted.values()):
             if not request.roger_watch.started:
                 # Never started: its message goes back to the broker, so it keeps its

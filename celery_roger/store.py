@@ -131,8 +131,30 @@ class Store(ControlStore, FailureStore):
         published_at: float = 0.0,
     ) -> AdmitOutcome:
         """Admit a delivered job (admit.lua). ``rate``: its (rate key, starts, window ms)."""
+        keys, args = self.admit_args(
+            job_id, instance=instance, execution_key=execution_key, info=info,
+            message=message, qk_release=qk_release, limit=limit, rate=rate, replace=replace,
+            published_at=published_at)
+        return self.admission(job_id, self._evalsha("admit", keys, args, self.redis))
+
+    def admit_args(
+        self,
+        job_id: str,
+        *,
+        instance: str,
+        execution_key: str,
+        info: dict[str, Any],
+        message: dict[str, Any],
+        qk_release: bool = False,
+        limit: int = 1,
+        rate: tuple[str, int, int] | None = None,
+        replace: bool = False,
+        published_at: float = 0.0,
+    ) -> tuple[list[str], list[Any]]:
+        """admit.lua's KEYS and ARGV (``admit``; the worker's loop sends them through its
+        ScriptPipe and reads the reply with ``admission``)."""
         rk, starts, window = rate or ("", 1, 1000)
-        reply = self._run(
+        return self.call_args(
             "admit",
             dict(
                 job=job_id,
@@ -154,6 +176,9 @@ class Store(ControlStore, FailureStore):
                 qkwait=replace and self.qkwait_key(info.get("qk") or ""),
                 cancel_reports=replace and self.k_cancel_reports),
         )
+
+    def admission(self, job_id: str, reply: Any) -> AdmitOutcome:
+        """What admit.lua's ``reply`` for ``job_id`` decided."""
         outcome = text(reply[0])
         if outcome in ("parked", "qkwait"):
             return AdmitOutcome(outcome, int(reply[1]), text(reply[2]))

@@ -182,6 +182,13 @@ class StoreBase:
         """Run Lua script ``name`` with its keys and arguments by name: a key the caller
         does not give is this partition's key of that name (``k_<name>``). ``client``:
         another client of the same database (the broker's, for a fused publish)."""
+        key_list, values = self.call_args(name, args, keys=keys, rest=rest)
+        return self._evalsha(name, key_list, values, client or self.redis)
+
+    def call_args(self, name: str, args: dict[str, Any] | None = None, *,
+                  keys: dict[str, str] | None = None,
+                  rest: list[Any] | None = None) -> tuple[list[str], list[Any]]:
+        """Script ``name``'s KEYS and ARGV, as ``_run`` sends them (see there)."""
         script = SCRIPTS[name]
         given = keys or {}
         try:
@@ -194,7 +201,7 @@ class StoreBase:
             if set(values) != set(script.args):
                 raise TypeError(f"{name}.lua takes ARGV {script.args}, got {sorted(values)}")
             rest = [values[a] for a in script.args]
-        return self._evalsha(name, key_list, rest, client or self.redis)
+        return key_list, rest
 
     def _evalsha(self, name: str, keys: list[str], args: list[Any], client: Any) -> Any:
         """EVALSHA, loading the script on NOSCRIPT (a restarted Redis, SCRIPT FLUSH): what
