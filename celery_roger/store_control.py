@@ -43,6 +43,10 @@ class ControlStore(StoreBase):
                 qk_release="1" if qk_release else "0",
                 **(done or _NOT_DONE),
             ),
+            # (a job without a queue key: its three keys are not touched, nor type-checked)
+            keys=self.used_keys(qkeys=queue_key and self.k_qkeys,
+                                qk_pending=queue_key and self.k_qk_pending,
+                                qk_until=queue_key and self.k_qk_until),
         )
         outcome = text(reply[0])
         if outcome == "cancelled":
