@@ -30,7 +30,7 @@ from .job import (
     job_keys,
     small_arguments,
 )
-from .lifecycle import KEY_HANDED, RATE_OPENED, finish_job, hand_off
+from .lifecycle import KEY_HANDED, RATE_OPENED, finish_job, finish_quietly, hand_off
 from .pipe import LoopClosed, ScriptPipe
 from .publish import capture
 from .queues import QueueControl
@@ -67,8 +67,9 @@ class Admission:
         self.rate_timers: dict[str, float] = {}
         #: admissions sent without waiting (pipe.py); None: each call waits for its reply
         self.pipe: ScriptPipe | None = None
-        #: the worker is stopping: a job admitted now is not given to the pool
-        self.closing = False
+        #: the loop is closing (the worker stops, or its broker connection was lost): a
+        #: job whose admission comes back now is not given to the pool; its key goes on
+        self.detached = False
 
     def __call__(self, request: Any) -> Any:
         if not is_roger_task(request.task):
@@ -126,7 +127,12 @@ class Admission:
         return self._decided(request, admission, ek, qk, queue)
 
     def _replied(self, request: Any, ek: str, qk: str, queue: str, reply: Any) -> None:
-        self._decided(request, self.store.admission(request.id, reply), ek, qk, queue)
+        try:
+            self._decided(request, self.store.admission(request.id, reply), ek, qk, queue)
+        except Exception as exc:  # neither run nor dropped: admitted again later
+            logger.exception("Acting on the admission of job %s[%s] failed", request.name,
+                             request.id)
+            self._admit_later(request, exc)
 
     def _not_sent(self, request: Any, call: dict[str, Any], ek: str, qk: str, queue: str,
                   exc: Exception) -> None:
@@ -160,9 +166,14 @@ class Admission:
                 time.monotonic()
             # (wall clock: when it took its start of a rate, for the job to read)
             request._request_dict["roger_admitted_at"] = time.time()
-            self.admitted[request.id] = request
-            if self.closing:  # (its key is handed on as the worker stops: consumer.py)
+            if self.detached:
+                # Its message goes back to the broker (unacked): its queue key stays, its
+                # execution key is handed on now.
+                logger.info("Job %s[%s] was admitted as this worker's loop closed: it "
+                            "does not run here", request.name, request.id)
+                finish_quietly(self.app, request.id, ek, "", instance=self.instance)
                 return None
+            self.admitted[request.id] = request
             return self.handle(request)
         if admission.outcome == "cancelled":
             logger.info("Dropped cancelled job %s[%s]", request.name, request.id)
@@ -266,10 +277,14 @@ class Admission:
         )
         self.consumer.timer.call_after(delay, self.admit, (request,))
 
+    def detach(self) -> None:
+        """The loop closes: admissions that come back from now on do not run here."""
+        self.detached = True
+
     def close(self) -> None:
-        """The worker stops: read the admissions still in flight (a job admitted then is
-        recorded here, not run, so the worker's exit hands its key on)."""
-        self.closing = True
+        """The worker stops: read the admissions still in flight (a job admitted then
+        does not run; its execution key is handed on)."""
+        self.detach()
         if self.pipe is not None:
             self.pipe.drain()
             self.pipe.close()

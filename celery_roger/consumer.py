@@ -22,6 +22,7 @@ from .lifecycle import finish_quietly
 from .pipe import ScriptPipe, can_pipe
 from .redis_guard import guard_fork
 from .runtime import healers, pop_healer, register_healer, runtime
+from .store_base import SCRIPTS
 
 logger = logging.getLogger("celery_roger")
 
@@ -75,6 +76,7 @@ class RogerConsumerStep(bootsteps.StartStopStep):
         super().__init__(parent, **kwargs)
         self.healer: Healer | None = None
         self.admission: Admission | None = None
+        self._watch: Any = None
 
     def start(self, c: Any) -> None:
         runtime(c.app).callbacks  # noqa: B018 (a bad roger_callbacks stops the worker here)
@@ -84,10 +86,15 @@ class RogerConsumerStep(bootsteps.StartStopStep):
             c.on_task_request = Admission(c, c.app, new_instance(c.hostname))
             c.update_strategies()
         admission = self.admission = c.on_task_request
+        admission.detached = False  # (set while the loop closed: a broker reconnect)
         store = admission.store
+        if admission.pipe is not None and admission.pipe.hub is not c.hub:
+            admission.pipe.close()  # (a loop of its own for this consumer)
+            admission.pipe = None
         if admission.pipe is None and c.hub is not None and store.settings.pipelined_admission \
                 and can_pipe(store.redis):
-            admission.pipe = ScriptPipe(store.redis, c.hub)
+            admission.pipe = ScriptPipe(store.redis, c.hub, scripts=(SCRIPTS["admit"].source,),
+                                        before_close=admission.detach)
         c.on_task_request.queues.start()
         if self.healer is None:
             healer = self.healer = Healer(c.app, c.on_task_request)
@@ -95,7 +102,11 @@ class RogerConsumerStep(bootsteps.StartStopStep):
             healer.tick()
             healer.start()
             register_healer(healer)
-            c.timer.call_repeatedly(WATCH_SECONDS, self.watch)
+        # Registered again at each start: Celery cancels the timer entries made while
+        # its loop started when that loop fails (a lost broker connection).
+        if self._watch is not None:
+            self._watch.cancel()
+        self._watch = c.timer.call_repeatedly(WATCH_SECONDS, self.watch)
 
     def watch(self) -> None:
         if self.admission is not None and self.admission.pipe is not None:

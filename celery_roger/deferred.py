@@ -62,6 +62,7 @@ class Deferred:
         self._thread: threading.Thread | None = None
         self._pid = 0
         self._idle = False  # the flusher waits for a put (else: for a deadline)
+        self._sending = False  # the flusher is sending one (flush waits for it)
 
     def put(self, store: Any, job_id: str, record: str) -> None:
         """Keep the end of ``job_id``, whose start wrote running record ``record``, for
@@ -95,10 +96,11 @@ class Deferred:
                 return
         self._flush(ended)
 
-    def flush(self) -> None:
-        """Send the ended job now (the process is exiting)."""
+    def flush(self, timeout: float = 2.0) -> None:
+        """Send the ended job now, and let a send under way finish (the process exits)."""
         with self._cond:
             ended, self._ended = self._ended, None
+            self._cond.wait_for(lambda: not self._sending, timeout)
         if ended is not None:
             self._flush(ended)
 
@@ -135,7 +137,13 @@ class Deferred:
                         break
                     self._cond.wait(wait)  # taken or replaced meanwhile: look again
                 ended, self._ended = self._ended, None
-            self._flush(ended)
+                self._sending = True
+            try:
+                self._flush(ended)
+            finally:
+                with self._cond:
+                    self._sending = False
+                    self._cond.notify_all()
 
 
 #: The one per process (a pool process runs one job at a time).

@@ -23,10 +23,12 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
-from redis.exceptions import RedisError, ResponseError, TimeoutError
+from redis.exceptions import ConnectionError, RedisError, ResponseError, TimeoutError
 
 logger = logging.getLogger("celery_roger")
 
+#: When the loop closes, how long the replies already due are waited for.
+CLOSE_DRAIN_SECONDS = 2.0
 #: A call whose reply has not come in this long breaks the connection (as a socket
 #: timeout would a waiting call); its caller tries again.
 STALL_SECONDS = 5.0
@@ -50,9 +52,15 @@ def can_pipe(client: Any) -> bool:
 class ScriptPipe:
     """EVALSHA calls whose replies the event loop reads (``hub``: kombu's Hub)."""
 
-    def __init__(self, client: redis.Redis, hub: Any) -> None:
+    def __init__(self, client: redis.Redis, hub: Any, *, scripts: tuple[str, ...] = (),
+                 before_close: Callable[[], None] | None = None) -> None:
         self.client = client
         self.hub = hub
+        #: loaded on each new connection, so a call is refused NOSCRIPT only after a
+        #: SCRIPT FLUSH (a restarted Redis breaks the connection first)
+        self.scripts = scripts
+        #: told first when the loop closes (the caller stops acting on replies as usual)
+        self.before_close = before_close
         self._conn: Any = None
         self._fd: int | None = None
         self._waiting: collections.deque[tuple[OnReply, OnError, float]] = \
@@ -76,12 +84,14 @@ class ScriptPipe:
             return
         self._waiting.append((on_reply, on_error, time.monotonic()))
 
-    def drain(self, timeout: float = 5.0) -> None:
-        """Read every reply still due, waiting for them (the worker is stopping)."""
+    def drain(self, timeout: float = CLOSE_DRAIN_SECONDS) -> None:
+        """Read the replies still due, waiting for them up to ``timeout`` in all; the
+        calls still without a reply then stay in flight."""
+        deadline = time.monotonic() + timeout
         while self._waiting and self._conn is not None:
+            left = deadline - time.monotonic()
             try:
-                if not self._conn.can_read(timeout=timeout):
-                    self._broken(TimeoutError(f"no reply from Redis in {timeout}s"))
+                if left <= 0 or not self._conn.can_read(timeout=left):
                     return
             except RedisError as exc:
                 self._broken(exc)
@@ -89,7 +99,8 @@ class ScriptPipe:
             self._read()
 
     def close(self) -> None:
-        self._broken(ConnectionError("roger's script pipe was closed"))
+        """The worker stops: the calls still in flight fail as closed (dropped)."""
+        self._broken(LoopClosed("the worker is stopping"))
 
     def poll(self) -> None:
         """Read the replies that have arrived (the worker's watch, each second: a safety
@@ -101,24 +112,49 @@ class ScriptPipe:
             self._broken(TimeoutError(f"Redis did not answer in {STALL_SECONDS:.0f}s"))
 
     def _loop_closed(self, _hub: Any) -> None:
+        """The loop is reset (broker connection lost) or closed (the worker stops): the
+        replies already due are read now (their caller was told, ``before_close``), the
+        rest fail as closed."""
+        if self.before_close is not None and self._waiting:
+            try:
+                self.before_close()
+            except Exception:
+                logger.exception("roger: preparing the script pipe's close failed")
+        self._fd = None  # (the loop has forgotten its readers)
+        self.drain(timeout=CLOSE_DRAIN_SECONDS)
         self._broken(LoopClosed("the worker's event loop was reset"))
 
     def _connection(self) -> Any:
-        if self._conn is not None and self._fd not in self.hub.readers:
-            # (the loop forgot its readers without telling: connect again)
-            self._broken(LoopClosed("the worker's event loop lost the script pipe"))
+        if self._conn is not None and (self._fd not in self.hub.readers
+                                       or self._conn._sock is None):
+            # the loop forgot its reader, or redis-py dropped the socket: connect again
+            self._broken(ConnectionError("roger's script pipe lost its connection"))
         if self._conn is None:
             pool = self.client.connection_pool
-            # its own connection, never pooled, and no health check: a PING sent
-            # between calls would read a reply that belongs to one of them
-            conn = pool.connection_class(**{**pool.connection_kwargs,
-                                            "health_check_interval": 0})
+            # Its own connection, never pooled; no health check (a PING sent between
+            # calls would read a reply that belongs to one of them); a socket timeout, so
+            # a reply cut short never holds the loop longer than a stall.
+            kwargs = dict(pool.connection_kwargs)
+            timeout = kwargs.get("socket_timeout")
+            kwargs.update(health_check_interval=0,
+                          socket_timeout=min(timeout or STALL_SECONDS, STALL_SECONDS))
+            conn = pool.connection_class(**kwargs)
             conn.connect()
+            for source in self.scripts:
+                conn.send_command("SCRIPT", "LOAD", source)
+                conn.read_response()
             self._conn, self._fd = conn, conn._sock.fileno()
             self.hub.add_reader(self._fd, self._readable)
         return self._conn
 
     def _readable(self) -> None:
+        if not self._waiting:
+            # Readable with no reply due: Redis closed the connection (its `timeout`, a
+            # restart, CLIENT KILL) or sent what no call asked for. Close it, or the
+            # loop would call this again and again; the next call connects anew.
+            if self._conn is not None:
+                self._broken(ConnectionError("Redis closed roger's idle script pipe"))
+            return
         try:
             while self._waiting and self._conn is not None and self._conn.can_read(timeout=0):
                 self._read()
@@ -143,7 +179,7 @@ class ScriptPipe:
         """The connection is lost: every call in flight fails with ``exc``."""
         conn, fd = self._conn, self._fd
         self._conn = self._fd = None
-        if fd is not None:
+        if fd is not None and fd in self.hub.readers:
             try:
                 self.hub.remove_reader(fd)
             except Exception:  # the hub may be stopping

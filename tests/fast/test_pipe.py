@@ -102,17 +102,44 @@ def test_a_lost_connection_fails_the_calls_in_flight_then_connects_again(server,
     assert replies2 == [b"z"], errors2
 
 
-def test_a_reset_loop_fails_the_calls_in_flight_as_closed(server, hub):
+def test_a_reset_loop_reads_the_replies_due_and_fails_the_rest_as_closed(server, hub,
+                                                                         monkeypatch):
+    monkeypatch.setattr(pipe_module, "CLOSE_DRAIN_SECONDS", 0.3)
+    client = redis.Redis.from_url(server.url)
+    sha = client.script_load(ECHO)
+    told: list[bool] = []
+    p = ScriptPipe(client, hub, before_close=lambda: told.append(True))
+    replies, errors = calls(p, sha, ["a", "b"])
+    hub.reset()  # what Celery's loop does when the broker connection is lost
+    assert told == [True], "the caller is told first, so it acts on these replies as such"
+    assert replies == [b"a", b"b"] and errors == [], "replies already due are read"
+    warm(p, hub, sha)  # connected again, then Redis stops answering
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        replies2, errors2 = calls(p, sha, ["c"])
+        hub.reset()
+        assert replies2 == [] and len(errors2) == 1 and isinstance(errors2[0], LoopClosed)
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+    replies3, _ = calls(p, sha, ["d"])
+    spin(hub, lambda: replies3)
+    assert replies3 == [b"d"], "connected again, on the new poller"
+
+
+def test_an_idle_connection_closed_by_redis_is_dropped_not_spun_on(server, hub):
     client = redis.Redis.from_url(server.url)
     sha = client.script_load(ECHO)
     p = ScriptPipe(client, hub)
-    replies, errors = calls(p, sha, ["a", "b"])
-    hub.reset()  # what Celery's loop does when the broker connection is lost
-    assert replies == [] and len(errors) == 2
-    assert all(isinstance(e, LoopClosed) for e in errors)
-    replies2, _ = calls(p, sha, ["c"])
-    spin(hub, lambda: replies2)
-    assert replies2 == [b"c"], "connected again, on the new poller"
+    warm(p, hub, sha)
+    client.client_kill_filter(_type="normal", skipme=True)  # Redis drops the pipe's one
+    loop = hub.create_loop()
+    deadline = time.monotonic() + 5
+    while p._conn is not None:  # the loop finds it readable once: it is closed
+        assert time.monotonic() < deadline, "the closed connection was never dropped"
+        next(loop)
+    replies, errors = calls(p, sha, ["again"])
+    spin(hub, lambda: replies or errors)
+    assert replies == [b"again"], errors
 
 
 def test_a_stalled_redis_fails_the_calls_after_the_stall_limit(server, hub, monkeypatch):
