@@ -21,6 +21,8 @@ app.conf.update(
     roger_redis_url=URL,
     task_default_queue=os.environ.get("BENCH_QUEUE", "bench"),
     roger_partition="bench",
+    # opt-in (README): the execution-key figures of docs/benchmarks.md are with it on
+    roger_pipelined_admission=True,
     task_ignore_result=True,
     worker_prefetch_multiplier=4,
     broker_connection_retry_on_startup=True,

@@ -96,8 +96,9 @@ class Settings:
     dashboard_allowed_hosts: tuple[str, ...] | None = None
     #: Publish with a queue key in one script on a Redis broker that is roger's database.
     fused_publish: bool = True
-    #: Admission sends its script from the worker's event loop without waiting (pipe.py).
-    pipelined_admission: bool = True
+    #: Admission sends its script from the worker's event loop without waiting (pipe.py):
+    #: opt-in while a stuck rated job seen once under load in CI is not explained.
+    pipelined_admission: bool = False
     #: What a publish whose queue key is held does when neither the call nor the task says.
     on_duplicate: str = "raise"
 
@@ -150,7 +151,7 @@ class Settings:
                 get("roger_dashboard_allowed_hosts", None)),
             fused_publish=_flag("roger_fused_publish", get("roger_fused_publish", True)),
             pipelined_admission=_flag("roger_pipelined_admission",
-                                      get("roger_pipelined_admission", True)),
+                                      get("roger_pipelined_admission", False)),
             on_duplicate=_choice("roger_on_duplicate", get("roger_on_duplicate", "raise"),
                                  ON_DUPLICATE),
         )
