@@ -116,25 +116,10 @@ class Store(ControlStore, FailureStore):
 
     # -- worker ----------------------------------------------------------------------
 
-    def admit(
-        self,
-        job_id: str,
-        *,
-        instance: str,
-        execution_key: str,
-        info: dict[str, Any],
-        message: dict[str, Any],
-        qk_release: bool = False,
-        limit: int = 1,
-        rate: tuple[str, int, int] | None = None,
-        replace: bool = False,
-        published_at: float = 0.0,
-    ) -> AdmitOutcome:
-        """Admit a delivered job (admit.lua). ``rate``: its (rate key, starts, window ms)."""
-        keys, args = self.admit_args(
-            job_id, instance=instance, execution_key=execution_key, info=info,
-            message=message, qk_release=qk_release, limit=limit, rate=rate, replace=replace,
-            published_at=published_at)
+    def admit(self, job_id: str, **call: Any) -> AdmitOutcome:
+        """Admit a delivered job (admit.lua), waiting for the reply; ``call``: the
+        arguments of ``admit_args``."""
+        keys, args = self.admit_args(job_id, **call)
         return self.admission(job_id, self._evalsha("admit", keys, args, self.redis))
 
     def admit_args(
@@ -151,8 +136,9 @@ class Store(ControlStore, FailureStore):
         replace: bool = False,
         published_at: float = 0.0,
     ) -> tuple[list[str], list[Any]]:
-        """admit.lua's KEYS and ARGV (``admit``; the worker's loop sends them through its
-        ScriptPipe and reads the reply with ``admission``)."""
+        """admit.lua's KEYS and ARGV (``admit`` sends them; the worker's loop may send them
+        through its ScriptPipe and read the reply with ``admission``). ``rate``: the job's
+        (rate key, starts, window ms)."""
         rk, starts, window = rate or ("", 1, 1000)
         return self.call_args(
             "admit",
