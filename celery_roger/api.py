@@ -9,7 +9,7 @@ from typing import Any
 
 from celery import Celery
 
-from . import events, inspect, store_reads
+from . import events, inspect, lists, store_reads
 from .failure import send_entry
 from .install import install
 from .job import FRESH_ADMISSION_SECONDS, HEADER, BuriedJob, job_keys
@@ -194,6 +194,34 @@ class Roger:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"limit must be an int >= 1, got {limit!r}")
         return inspect.keys(self.store, kind, prefix, limit, cursor)
+
+    def browse(self, kind: str, *, limit: int = 50, cursor: str | None = None,
+               **filters: Any) -> dict[str, Any]:
+        """One page of a list of roger state: ``{"kind", "items", "cursor", "total"}``;
+        pass ``cursor`` back for the next page (None: no more). ``kind``: one of
+        ``lists.KINDS``; ``filters``: ``queue``, ``task``, ``error``, ``worker``, ``key``,
+        ``prefix`` (str), ``since``, ``until`` (Unix seconds); which apply to which kind,
+        and what each page reads, is in ``celery_roger/lists.py``."""
+        if kind not in lists.KINDS:
+            raise ValueError(f"kind must be one of {lists.KINDS}, got {kind!r}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or \
+                not 1 <= limit <= lists.MAX_LIMIT:
+            raise ValueError(f"limit must be an int from 1 to {lists.MAX_LIMIT}, got {limit!r}")
+        if cursor is not None and not isinstance(cursor, str):
+            raise ValueError(f"cursor must be a str from a previous page, got {cursor!r}")
+        return lists.page(self.store, kind, limit=limit, cursor=cursor or None,
+                          filters=lists.filters(filters))
+
+    def buried_facets(self) -> dict[str, dict[str, int]]:
+        """How many jobs are buried per ``task``, per ``error`` type and per ``queue``."""
+        return lists.buried_facets(self.store)
+
+    def purge_buried_jobs(self, job_ids: list[str]) -> int:
+        """Delete these buried jobs; returns how many of them were buried."""
+        if not isinstance(job_ids, (list, tuple)) or not all(
+                isinstance(j, str) and j for j in job_ids):
+            raise ValueError(f"job_ids must be a list of non-empty str, got {job_ids!r:.80}")
+        return self.store.drop_buried(list(job_ids))
 
     def stats(self) -> dict[str, int]:
         """The partition's counters: ``dedup_refused``, ``cancelled``, ``quarantined`` ..."""

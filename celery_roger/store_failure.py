@@ -31,10 +31,15 @@ class FailureStore(StoreBase):
         return None if score is None else score / 1000
 
     def bury(self, job_id: str, queue: str, entry: dict[str, Any]) -> list[str]:
-        """Keep a buried job's entry; returns the ids dropped to respect the cap."""
+        """Keep a buried job's entry (indexed by its ``task`` and ``error_type``); returns
+        the ids dropped to respect the cap."""
+        task, error_type = entry.get("task"), entry.get("error_type")
         dropped = self._run(
             "bury",
-            dict(job=job_id, entry=dumps(entry), cap=self.settings.buried_max, queue=queue),
+            dict(job=job_id, entry=dumps(entry), cap=self.settings.buried_max, queue=queue,
+                 task=task if isinstance(task, str) else "",
+                 error_type=error_type if isinstance(error_type, str) else "",
+                 prefix=self.prefix),
             keys={"buried_queue": self.buried_key(queue)},
         )
         return [text(d) for d in dropped]
@@ -59,7 +64,7 @@ class FailureStore(StoreBase):
         return bool(
             self._run(
                 "unbury",
-                dict(job=job_id, qkey=queue_key),
+                dict(job=job_id, qkey=queue_key, prefix=self.prefix),
                 keys={"buried_queue": self.buried_key(queue)},
             )
         )
@@ -67,9 +72,14 @@ class FailureStore(StoreBase):
     def purge_buried(self, queue: str) -> int:
         return int(
             self._run(
-                "purge_buried", dict(queue=queue), keys={"buried_queue": self.buried_key(queue)}
+                "purge_buried", dict(queue=queue, prefix=self.prefix),
+                keys={"buried_queue": self.buried_key(queue)},
             )
         )
+
+    def drop_buried(self, job_ids: list[str]) -> int:
+        """Delete these buried jobs (any queue); returns how many were buried."""
+        return int(self._run("drop_buried", rest=[self.prefix, *job_ids])) if job_ids else 0
 
     def is_buried(self, job_id: str) -> bool:
         """Whether ``job_id`` is in the buried queue."""

@@ -78,6 +78,7 @@ local KEY_TYPES = {
   crash_checks = 'zset', crash_info = 'hash', quarantine = 'hash', quarantine_log = 'list',
   orphan_suspects = 'zset', orphan_suspect_keys = 'hash', sweep = 'hash', schema = 'hash',
   fuse = 'string', rate_due = 'zset', rate_limits = 'hash', qk_prev = 'hash',
+  buried_tags = 'hash', buried_facets = 'hash', audit = 'list',
 }
 local function key_type(key)
   local prefix, name = string.match(key, '^(roger:{[^}]*}:)(.*)$')
@@ -88,7 +89,8 @@ local function key_type(key)
   if string.sub(name, 1, 9) == 'ratewait:' or string.sub(name, 1, 7) == 'qkwait:' then
     return prefix, 'list'
   end
-  if string.sub(name, 1, 7) == 'buried:' or string.sub(name, 1, 5) == 'rate:' then
+  if string.sub(name, 1, 7) == 'buried:' or string.sub(name, 1, 5) == 'rate:'
+      or string.sub(name, 1, 10) == 'buried_by_' then
     return prefix, 'zset'
   end
   return prefix, KEY_TYPES[name]
@@ -149,14 +151,58 @@ local function quarantine_item(key, value, reason)
     value = value, preview = preview(value)}, now)
 end
 
+-- Check the type of one key roger owns (a key not of roger's is left alone); returns it.
+local function guard_key(key)
+  local _, wanted = key_type(key)
+  if wanted then
+    local actual = redis.call('TYPE', key).ok
+    if actual ~= 'none' and actual ~= wanted then quarantine_key(key, actual, wanted) end
+  end
+  return key
+end
+
 -- Check the types of all KEYS of the running script (called first by every script).
 local function guard_keys()
-  for _, key in ipairs(KEYS) do
-    local _, wanted = key_type(key)
-    if wanted then
-      local actual = redis.call('TYPE', key).ok
-      if actual ~= 'none' and actual ~= wanted then quarantine_key(key, actual, wanted) end
+  for _, key in ipairs(KEYS) do guard_key(key) end
+end
+
+-- The buried queue's filter indexes (docs/design.md, "The console's lists"), kept by every
+-- script that buries a job or removes a buried one: `buried_tags` (hash job -> task, error
+-- type and queue, newline-separated), `buried_by_task:<task>` and `buried_by_error:<type>`
+-- (zsets job -> burial time in µs, as `buried`), `buried_facets` (hash `task:<t>` and
+-- `error:<e>` -> how many are buried). Dynamic keys: each is type-checked once per call.
+local buried_guarded = {}
+local function buried_index_key(prefix, name)
+  local key = prefix .. name
+  if not buried_guarded[key] then buried_guarded[key] = guard_key(key) end
+  return key
+end
+
+local function buried_index_remove(prefix, job)
+  local tags = buried_index_key(prefix, 'buried_tags')
+  local tag = redis.call('HGET', tags, job)
+  if not tag then return nil end
+  redis.call('HDEL', tags, job)
+  local task, err, queue = string.match(tag, '^([^\n]*)\n([^\n]*)\n(.*)$')
+  if not task then return nil end
+  local facets = buried_index_key(prefix, 'buried_facets')
+  for facet, value in pairs({task = task, error = err}) do
+    redis.call('ZREM', buried_index_key(prefix, 'buried_by_' .. facet .. ':' .. value), job)
+    if redis.call('HINCRBY', facets, facet .. ':' .. value, -1) <= 0 then
+      redis.call('HDEL', facets, facet .. ':' .. value)
     end
+  end
+  return queue
+end
+
+local function buried_index_add(prefix, job, task, err, queue, at)
+  buried_index_remove(prefix, job)
+  redis.call('HSET', buried_index_key(prefix, 'buried_tags'), job,
+    task .. '\n' .. err .. '\n' .. queue)
+  local facets = buried_index_key(prefix, 'buried_facets')
+  for facet, value in pairs({task = task, error = err}) do
+    redis.call('ZADD', buried_index_key(prefix, 'buried_by_' .. facet .. ':' .. value), at, job)
+    redis.call('HINCRBY', facets, facet .. ':' .. value, 1)
   end
 end
 
