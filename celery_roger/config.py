@@ -6,7 +6,7 @@ import contextlib
 import functools
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +94,8 @@ class Settings:
     #: A confirmed queue key whose job is nowhere is released after this long (0: never).
     orphaned_key_seconds: float = 120.0
     dashboard_allowed_hosts: tuple[str, ...] | None = None
+    #: Labelled dashboard tokens (``roger_dashboard_tokens``): (label, token) pairs.
+    dashboard_tokens: tuple[tuple[str, str], ...] = ()
     #: Publish with a queue key in one script on a Redis broker that is roger's database.
     fused_publish: bool = True
     #: Admission sends its script from the worker's event loop without waiting (pipe.py):
@@ -149,6 +151,7 @@ class Settings:
             ),
             dashboard_allowed_hosts=dashboard_allowed_hosts(
                 get("roger_dashboard_allowed_hosts", None)),
+            dashboard_tokens=dashboard_tokens(get("roger_dashboard_tokens", None)),
             fused_publish=_flag("roger_fused_publish", get("roger_fused_publish", True)),
             pipelined_admission=_flag("roger_pipelined_admission",
                                       get("roger_pipelined_admission", False)),
@@ -202,6 +205,31 @@ def dashboard_token(value: Any, name: str = "roger_dashboard_token") -> str | No
     raise ConfigurationError(
         f"setting {name} must be a string, got a value of type {type(value).__name__}"
     )
+
+
+def dashboard_tokens(value: Any, name: str = "roger_dashboard_tokens"
+                     ) -> tuple[tuple[str, str], ...]:
+    """``roger_dashboard_tokens``: ``{"alice": "<token>", "deploy-bot": "<token>"}``, each
+    label (1 to 64 printable characters) naming who acts in the audit log. Errors name the
+    label, never a token."""
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(f"setting {name} must be a dict of label -> token, got a "
+                                 f"value of type {type(value).__name__}")
+    pairs = []
+    for label, token in value.items():
+        if not isinstance(label, str) or not 1 <= len(label) <= 64 or not label.isprintable():
+            raise ConfigurationError(f"setting {name}: label {label!r:.80} must be a str of "
+                                     "1 to 64 printable characters")
+        if not isinstance(token, str) or not token:
+            raise ConfigurationError(f"setting {name}: the token of {label!r} must be a "
+                                     "non-empty str")
+        pairs.append((label, token))
+    if len({token for _, token in pairs}) < len(pairs):
+        raise ConfigurationError(f"setting {name}: two labels share one token; each label "
+                                 "needs its own, or the audit log cannot tell them apart")
+    return tuple(pairs)
 
 
 def dashboard_allowed_hosts(value: Any, name: str = "roger_dashboard_allowed_hosts"

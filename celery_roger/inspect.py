@@ -217,6 +217,9 @@ def _running_view(store: Store, found: reads.JobRecords, view: dict[str, Any]) -
     if found.running is None:
         return False
     r = reads.running_record(found.running)
+    if found.buried is not None and (r["admitted_at"] or 0) <= \
+            (buried_job(view["id"], found.buried).buried_at or 0):
+        return False  # that attempt was buried; its record goes with its deferred end
     alive = reads.lease_info(store, [r["instance"]], found.now_ms).get(r["instance"], {}) \
         if r["instance"] else {}
     view.update(state="running", task=r["task"], queue=r["queue"], worker=r["worker"],

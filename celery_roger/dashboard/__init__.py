@@ -16,10 +16,9 @@ the bound address (and the loopback names when bound to loopback or to every add
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -33,13 +32,12 @@ from werkzeug.serving import make_server
 from ..api import Roger
 from ..config import dashboard_allowed_hosts, dashboard_token, redact_url
 from ..errors import ConfigurationError
+from . import console
 
 logger = logging.getLogger("celery_roger")
 
 #: The most buried jobs one ``GET /api/roger/buried`` returns; a larger ``limit`` is a 400.
 MAX_LIMIT = 1000
-#: The largest ``offset`` accepted (far beyond any buried queue, below Redis's range).
-MAX_OFFSET = 1_000_000_000
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
@@ -226,27 +224,11 @@ def create_app(roger: Roger, token: str | None, *, address: str = "127.0.0.1",
 
     _install_guards(web, hosts, roger)
     _read_routes(web, roger, registry)
-    _action_routes(web, roger, _token_check(token))
+    action = console.guard(console.Tokens(token, roger.store.settings.dashboard_tokens))
+    console.action_routes(web, roger, action)
+    console.bulk_routes(web, roger, action)
+    console.read_routes(web, roger)
     return web
-
-
-def _token_check(token: str | None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """A decorator for the actions: ``Authorization: Bearer <token>``, compared in
-    constant time."""
-
-    def action(fn: Callable[..., Any]) -> Callable[..., Any]:
-        def checked(*args: Any, **kwargs: Any) -> Any:
-            given = request.headers.get("Authorization", "")
-            if not given.startswith("Bearer ") or not given[7:]:
-                abort(401, "actions need Authorization: Bearer <token>")
-            if not token or not hmac.compare_digest(given[7:].encode(), token.encode()):
-                abort(403, "wrong token" if token else "read-only: no token configured")
-            return fn(*args, **kwargs)
-
-        checked.__name__ = fn.__name__
-        return checked
-
-    return action
 
 
 def _install_guards(web: Flask, hosts: HostCheck, roger: Roger) -> None:
@@ -294,8 +276,8 @@ def _read_routes(web: Flask, roger: Roger, registry: CollectorRegistry) -> None:
     @web.get("/api/roger/buried")
     def api_buried() -> Any:
         queue = request.args.get("queue") or None
-        limit = _int_arg("limit", 100, maximum=MAX_LIMIT)
-        offset = _int_arg("offset", 0, maximum=MAX_OFFSET)
+        limit = console.int_arg("limit", 100, maximum=MAX_LIMIT)
+        offset = console.int_arg("offset", 0, maximum=console.MAX_OFFSET)
         return jsonify([vars(j) for j in roger.buried(queue, limit=limit, offset=offset)])
 
     @web.get("/metrics")
@@ -311,52 +293,6 @@ def _read_routes(web: Flask, roger: Roger, registry: CollectorRegistry) -> None:
         return Response(render_template("dashboard.html", partition=roger.partition,
                                         flower_url=web.config["roger_flower_url"]),
                         mimetype="text/html")
-
-
-def _action_routes(web: Flask, roger: Roger,
-                   action: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
-    """The JSON API's actions, each behind the token."""
-    @web.post("/api/roger/queues/<queue>/pause")
-    @action
-    def api_pause(queue: str) -> Any:
-        body = request.get_json(silent=True)
-        reason = body.get("reason") if isinstance(body, dict) else None
-        roger.pause(queue, reason=reason or request.args.get("reason"))
-        return jsonify(ok=True, queue=queue, paused=True)
-
-    @web.post("/api/roger/queues/<queue>/resume")
-    @action
-    def api_resume(queue: str) -> Any:
-        return jsonify(ok=True, queue=queue, paused=False, released=roger.resume(queue))
-
-    @web.post("/api/roger/jobs/<job_id>/cancel")
-    @action
-    def api_cancel(job_id: str) -> Any:
-        return jsonify(ok=True, id=job_id, found=roger.cancel(job_id))
-
-    @web.post("/api/roger/buried/<job_id>/requeue")
-    @action
-    def api_requeue(job_id: str) -> Any:
-        return jsonify(ok=True, id=job_id, requeued=roger.requeue_buried(job_id))
-
-    @web.post("/api/roger/buried/purge")
-    @action
-    def api_purge() -> Any:
-        queue = request.args.get("queue") or None
-        return jsonify(ok=True, purged=roger.purge_buried(queue))
-
-def _int_arg(name: str, default: int, *, maximum: int) -> int:
-    raw = request.args.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        shown = raw if len(raw) <= 40 else raw[:40] + "..."
-        raise ValueError(f"{name} must be an integer, got {shown!r}") from None
-    if value > maximum:
-        raise ValueError(f"{name} must be at most {maximum}, got {value}")
-    return value
 
 
 def flower_base_url(value: str | None) -> str:
@@ -385,9 +321,10 @@ def serve(roger: Roger, *, address: str = "127.0.0.1", port: int = 5566,
                      flower_url=flower_url)
     server = make_server(address, port, web, threaded=True)
     allowed = web.config["roger_allowed_hosts"]
+    writable = bool(token or settings.dashboard_tokens)
     print(f"roger dashboard on http://{address}:{server.server_port}/ "
           f"(partition {roger.partition}, Redis {redact_url(settings.redis_url)}, "
-          f"{'actions need the token' if token else 'read-only: no token'}, "
+          f"{'actions need a token' if writable else 'read-only: no token'}, "
           f"Host {'any' if '*' in allowed else ' or '.join(allowed)})", flush=True)
     try:
         server.serve_forever()
