@@ -287,7 +287,9 @@ def _read_routes(web: Flask, roger: Roger, registry: CollectorRegistry) -> None:
     @web.get("/")
     @web.get("/jobs/<path:job_id>")
     @web.get("/buried")
-    def page(job_id: str | None = None) -> Response:
+    @web.get("/lists/<kind>")
+    @web.get("/audit")
+    def page(kind: str | None = None, job_id: str | None = None) -> Response:
         # The same static page for every path: its script reads the path and the JSON API.
         # The partition is the only value rendered here, by Jinja's autoescape.
         return Response(render_template("dashboard.html", partition=roger.partition,
