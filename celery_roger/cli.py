@@ -81,6 +81,14 @@ def _ago(when: Any) -> str:
     return "-" if not isinstance(when, (int, float)) else f"{time.time() - when:.0f}s ago"
 
 
+def _when(at: Any) -> str:
+    """A time, absolute (UTC, to the ms) and relative."""
+    if not isinstance(at, (int, float)):
+        return "-"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at)) + f".{int(at * 1000) % 1000:03d}"
+    return f"{stamp} UTC ({_ago(at)})"
+
+
 def _emit(data: Any, as_json: bool, human: Callable[[], str]) -> None:
     click.echo(json.dumps(data, indent=2, default=str) if as_json else human())
 
@@ -235,8 +243,13 @@ def job(ctx: click.Context, job_id: str, as_json: bool) -> None:
     view = _roger(ctx).job(job_id)
 
     def human() -> str:
-        rows = [[k, v] for k, v in view.items() if k != "explanation"]
-        return table(["field", "value"], rows) + f"\n\n{view.get('explanation', '')}"
+        rows = [[k, v] for k, v in view.items() if k not in ("explanation", "history")]
+        shown = table(["field", "value"], rows) + f"\n\n{view.get('explanation', '')}"
+        if view.get("history"):
+            shown += "\n\nhistory:\n" + table(["at", "event", "worker", "detail"], [
+                [_when(e["at"]), e["event"], e["worker"] or "", e["detail"] or ""]
+                for e in view["history"]])
+        return shown
 
     _emit(view, as_json, human)
 

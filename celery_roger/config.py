@@ -96,6 +96,8 @@ class Settings:
     dashboard_allowed_hosts: tuple[str, ...] | None = None
     #: Labelled dashboard tokens (``roger_dashboard_tokens``): (label, token) pairs.
     dashboard_tokens: tuple[tuple[str, str], ...] = ()
+    #: How long each job's history is kept, in seconds (0: not kept).
+    history_ttl: float = 86400.0
     #: Publish with a queue key in one script on a Redis broker that is roger's database.
     fused_publish: bool = True
     #: Admission sends its script from the worker's event loop without waiting (pipe.py):
@@ -152,6 +154,7 @@ class Settings:
             dashboard_allowed_hosts=dashboard_allowed_hosts(
                 get("roger_dashboard_allowed_hosts", None)),
             dashboard_tokens=dashboard_tokens(get("roger_dashboard_tokens", None)),
+            history_ttl=_number("roger_history_ttl", get("roger_history_ttl", 86400), minimum=0),
             fused_publish=_flag("roger_fused_publish", get("roger_fused_publish", True)),
             pipelined_admission=_flag("roger_pipelined_admission",
                                       get("roger_pipelined_admission", False)),

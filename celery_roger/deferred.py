@@ -44,13 +44,15 @@ class Ended:
     job_id: str
     record: str  # the running record its start wrote
     at: float
+    outcome: str = ""  # how it ended, for its history ("succeeded", "failed" ...)
 
     def args(self) -> dict[str, str]:
-        """``start.lua``'s arguments that name it (``done``, ``done_record``)."""
-        return {"done": self.job_id, "done_record": self.record}
+        """``start.lua``'s arguments that name it (``done``, ``done_record``,
+        ``done_outcome``)."""
+        return {"done": self.job_id, "done_record": self.record, "done_outcome": self.outcome}
 
     def flush(self) -> None:
-        self.store.forget_ended(self.job_id, self.record)
+        self.store.forget_ended(self.job_id, self.record, self.outcome)
 
 
 class Deferred:
@@ -64,10 +66,10 @@ class Deferred:
         self._idle = False  # the flusher waits for a put (else: for a deadline)
         self._sending = False  # the flusher is sending one (flush waits for it)
 
-    def put(self, store: Any, job_id: str, record: str) -> None:
+    def put(self, store: Any, job_id: str, record: str, outcome: str = "") -> None:
         """Keep the end of ``job_id``, whose start wrote running record ``record``, for
-        the next start (or the flusher)."""
-        ended = Ended(store, job_id, record, time.monotonic())
+        the next start (or the flusher); ``outcome``: how it ended (its history)."""
+        ended = Ended(store, job_id, record, time.monotonic(), outcome)
         with self._cond:
             earlier, self._ended = self._ended, ended
             self._wake()

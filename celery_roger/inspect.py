@@ -194,6 +194,7 @@ def job(app: Celery, store: Store, job_id: str) -> dict[str, Any]:
     if found.cancelled:
         view["cancelled"] = {"until": found.cancelled_until,
                              "reported": found.cancel_reported}
+    view["history"] = found.history
     for explain in (_running_view, _buried_view, _retry_view, _held_view, _parked_view):
         if explain(store, found, view):
             return view

@@ -54,16 +54,17 @@ def hand_off(app: Celery, promotion: Promotion,
 
 def finish_job(app: Celery, job_id: str, *, execution_key: str, queue_key: str,
                publish: Callable[[Promotion], None] | None = None,
-               instance: str = "") -> bool:
+               instance: str = "", outcome: str = "") -> bool:
     """End a job's attempt in roger state and start the next parked job, if any.
 
     ``publish`` publishes the promoted job (default: ``hand_off``, here and now);
     ``instance`` is the worker instance the attempt ran under (a stale attempt releases
-    nothing). Returns whether the job was recorded as running (true for one caller per
-    attempt).
+    nothing); ``outcome``, how it ended, goes to its history. Returns whether the job was
+    recorded as running (true for one caller per attempt).
     """
     finished = runtime(app).store.finish(job_id, execution_key=execution_key,
-                                         queue_key=queue_key, instance=instance)
+                                         queue_key=queue_key, instance=instance,
+                                         outcome=outcome)
     for promotion in (finished.promotion, finished.queue_promotion):
         if promotion is None:
             continue
@@ -74,12 +75,27 @@ def finish_job(app: Celery, job_id: str, *, execution_key: str, queue_key: str,
     return finished.was_running
 
 
+def ended_as(attempt: Any, state: str) -> str:
+    """How an attempt ended, as its history says it: ``succeeded``, ``failed``,
+    ``failed, retrying``, ``failed, buried``, ``timed out``, ``cancelled``, or ``put back:
+    queue paused``. ``attempt``: the task's ``Attempt`` (None: not known)."""
+    if attempt is not None and attempt.cancelled:
+        return "cancelled"
+    if attempt is not None and attempt.paused:
+        return "put back: queue paused"
+    if state == "SUCCESS":
+        return "succeeded"
+    kind = getattr(getattr(attempt, "decision", None), "kind", "")
+    failed = "timed out" if attempt is not None and attempt.timed_out else "failed"
+    return {"retry": f"{failed}, retrying", "bury": f"{failed}, buried"}.get(kind, failed)
+
+
 def finish_quietly(app: Celery, job_id: str, execution_key: str, queue_key: str, *,
                    publish: Callable[[Promotion], None] | None = None,
-                   instance: Any = "") -> bool:
+                   instance: Any = "", outcome: str = "") -> bool:
     try:
         return finish_job(app, job_id, execution_key=execution_key, queue_key=queue_key,
-                          publish=publish, instance=as_key(instance))
+                          publish=publish, instance=as_key(instance), outcome=outcome)
     except Exception:
         logger.exception(
             "could not release the keys of job %s; its worker's lease frees them", job_id

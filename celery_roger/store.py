@@ -186,6 +186,7 @@ class Store(ControlStore, FailureStore):
         queue_key: str = "",
         force: bool = False,
         instance: str = "",
+        outcome: str = "",
     ) -> Finish:
         """End a job's attempt: whether it was running, and the parked job promoted.
 
@@ -203,6 +204,7 @@ class Store(ControlStore, FailureStore):
                 grace_ms=self.grace_ms,
                 force="1" if force else "0",
                 instance=instance,
+                outcome=outcome,
             ),
             keys=self.used_keys(parked=execution_key and self.parked_key(execution_key),
                                 qkwait=queue_key and self.qkwait_key(queue_key)),

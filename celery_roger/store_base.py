@@ -9,6 +9,7 @@ See docs/design.md for the layout and the life of a job.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -185,6 +186,11 @@ class StoreBase:
         key_list, values = self.call_args(name, args, keys=keys, rest=rest)
         return self._evalsha(name, key_list, values, client or self.redis)
 
+    @functools.cached_property
+    def history_ms(self) -> int:
+        """How long a job's history is kept (``roger_history_ttl``), in ms; 0: not kept."""
+        return int(self.settings.history_ttl * 1000)
+
     def call_args(self, name: str, args: dict[str, Any] | None = None, *,
                   keys: dict[str, str] | None = None,
                   rest: list[Any] | None = None) -> tuple[list[str], list[Any]]:
@@ -198,6 +204,8 @@ class StoreBase:
             raise TypeError(f"{name}.lua needs key {missing!r}") from None
         if rest is None:
             values = args or {}
+            if "hist_ms" in script.args and "hist_ms" not in values:
+                values = {**values, "hist_ms": self.history_ms}
             if set(values) != set(script.args):
                 raise TypeError(f"{name}.lua takes ARGV {script.args}, got {sorted(values)}")
             rest = [values[a] for a in script.args]
@@ -241,6 +249,10 @@ class StoreBase:
 
     def held_key(self, queue: str) -> str:
         return f"{self.prefix}held:{queue}"
+
+    def history_key(self, job_id: str) -> str:
+        """A job's history (lib.lua's ``history``)."""
+        return f"{self.prefix}hist:{job_id}"
 
     def buried_key(self, queue: str) -> str:
         return f"{self.prefix}buried:{queue}"

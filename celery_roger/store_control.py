@@ -11,7 +11,7 @@ from .records import Promotion, RateWake, StoredJob, compact, dumps, text
 from .store_base import StoreBase
 
 #: start.lua's arguments when no ended job rides on the call.
-_NOT_DONE = {"done": "", "done_record": ""}
+_NOT_DONE = {"done": "", "done_record": "", "done_outcome": ""}
 
 
 class ControlStore(StoreBase):
@@ -41,7 +41,7 @@ class ControlStore(StoreBase):
                 instance=instance,
                 qkey=queue_key,
                 qk_release="1" if qk_release else "0",
-                **(done or _NOT_DONE),
+                **{**_NOT_DONE, **(done or {})},
             ),
             # (a job without a queue key: its three keys are not touched, nor type-checked)
             keys=self.used_keys(qkeys=queue_key and self.k_qkeys,
@@ -54,10 +54,11 @@ class ControlStore(StoreBase):
         crashed = self.decode(reply[1], self.k_running, job_id) if len(reply) > 1 else None
         return outcome, False, crashed
 
-    def forget_ended(self, job_id: str, record: str) -> None:
+    def forget_ended(self, job_id: str, record: str, outcome: str = "") -> None:
         """The deferred end of a job without keys (deferred.py): forget it as running if
         its running record is still ``record``, the one its start wrote."""
-        self._run("forget_ended", dict(job=job_id, record=record))
+        self._run("forget_ended", dict(job=job_id, record=record,
+                                       outcome=outcome or "ended", instance=""))
 
     def claim_cancel(self, job_id: str) -> bool:
         """Remember ``job_id`` as cancelled; true for the one caller that reports it."""

@@ -264,6 +264,27 @@ class JobRecords:
     parked: dict[str, Any] | None
     promoting: bool
     held: dict[str, Any] | None
+    #: its history (``roger_history_ttl``), oldest first: {at, event, worker, detail}
+    history: list[dict[str, Any]]
+
+
+def history_entries(raw: Any) -> list[dict[str, Any]]:
+    """``hist:<job>`` entries (``<ms>\t<event>\t<worker>\t<detail>``, lib.lua's
+    ``history``) as dicts; an entry of another shape is shown as its text."""
+    entries: list[dict[str, Any]] = []
+    for item in raw if isinstance(raw, list) else []:
+        parts = text(item).split("\t", 3)
+        try:
+            at = int(parts[0]) / 1000
+        except ValueError:
+            at = None
+        if at is None or len(parts) < 4:
+            entries.append({"at": None, "event": "unreadable entry", "worker": None,
+                            "detail": text(item)[:200]})
+            continue
+        entries.append({"at": at, "event": parts[1], "worker": parts[2] or None,
+                        "detail": parts[3] or None})
+    return entries
 
 
 def job_records(store: Store, job_id: str) -> JobRecords:
@@ -278,8 +299,9 @@ def job_records(store: Store, job_id: str) -> JobRecords:
     reads.add(store.k_msg, None, "hget", job_id)
     reads.add(store.k_promoting, None, "zscore", job_id)
     reads.add(store.k_held_msg, None, "hget", job_id)
+    reads.add(store.history_key(job_id), [], "lrange", 0, -1)
     (running, retry_at, retry, buried, cancelled, reported, parked, promoting,
-     held) = reads.execute()
+     held, history) = reads.execute()
 
     def decoded(raw: Any, key: str, kombu: bool = False) -> dict[str, Any] | None:
         return store.decode(raw, key, job_id, kombu=kombu) if raw else None
@@ -291,7 +313,8 @@ def job_records(store: Store, job_id: str) -> JobRecords:
         retry=decoded(retry, store.k_retry_msg, True) if retry_at is not None else None,
         cancelled=live, cancelled_until=as_time_ms(cancelled) if live else None,
         cancel_reported=reported is not None, parked=decoded(parked, store.k_msg),
-        promoting=promoting is not None, held=decoded(held, store.k_held_msg, True))
+        promoting=promoting is not None, held=decoded(held, store.k_held_msg, True),
+        history=history_entries(history))
 
 
 # -- for the operator's actions (api.py) -------------------------------------------------

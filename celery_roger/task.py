@@ -30,7 +30,7 @@ from .failure import (
 from .install import install
 from .job import FRESH_ADMISSION_SECONDS, Job, job_keys, small_arguments
 from .lease import in_pool_process
-from .lifecycle import finish_quietly, report_crash
+from .lifecycle import ended_as, finish_quietly, report_crash
 from .publish import UNSET, republishing
 from .records import compact
 from .runtime import runtime
@@ -236,13 +236,15 @@ class RogerTask(Task, metaclass=RogerTaskType):
         request = self.request
         ek, qk = job_keys(request)
         attempt = getattr(request, "_roger_attempt", None)
+        outcome = ended_as(attempt, state)
         if attempt is not None and attempt.record and not (ek or qk) and in_pool_process():
             # Nothing to release: its process's next start forgets it as running.
-            DEFERRED.put(runtime(self.app).store, task_id, attempt.record)
+            DEFERRED.put(runtime(self.app).store, task_id, attempt.record, outcome)
         else:
             # A job held for its paused queue is still pending: it keeps its queue key.
             finish_quietly(self.app, task_id, ek, "" if attempt and attempt.paused else qk,
-                           instance=getattr(request, "roger_instance", None))
+                           instance=getattr(request, "roger_instance", None),
+                           outcome=outcome)
         if attempt is None:
             return
         callbacks = runtime(self.app).callbacks

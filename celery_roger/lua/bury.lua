@@ -1,5 +1,5 @@
 --! KEYS: buried buried_queue buried_msg buried_dropped buried_queues
---! ARGV: job entry cap queue task error_type prefix
+--! ARGV: job entry cap queue task error_type prefix hist_ms
 -- Bury a job whose retries are exhausted: keep its entry, newest first, per queue and
 -- across queues, in the filter indexes (task, error type); drop the queue's oldest entries
 -- beyond the cap and count the drops.
@@ -13,6 +13,7 @@ redis.call('ZADD', K.buried_queue, now, A.job)
 redis.call('HSET', K.buried_msg, A.job, A.entry)
 redis.call('SADD', K.buried_queues, A.queue)
 buried_index_add(A.prefix, A.job, A.task, A.error_type, A.queue, now)
+history(K.buried, 'buried', A.job, A.hist_ms, 'buried', '', A.error_type)
 local excess = redis.call('ZCARD', K.buried_queue) - tonumber(A.cap)
 local dropped = {}
 if excess > 0 then

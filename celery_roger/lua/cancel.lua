@@ -1,5 +1,5 @@
 --! KEYS: cancelled cancel_reported cancel_reports retry retry_msg msg promoting held_msg qkeys qk_pending qk_until running parked_count stats
---! ARGV: job ttl_ms prefix
+--! ARGV: job ttl_ms prefix hist_ms
 -- Cancel a job: remember it (until its TTL), and take it out of every place where it
 -- waits in Redis (for its retry, parked on an execution key, held by a paused queue),
 -- releasing its queue key. A worker's tick then reports it (on_cancel) exactly once.
@@ -11,6 +11,7 @@
 local now = now_ms()
 local job, expiry = A.job, now + tonumber(A.ttl_ms)
 redis.call('ZADD', K.cancelled, 'GT', expiry, job)
+history(K.cancelled, 'cancelled', job, A.hist_ms, 'cancelled', '', '')
 
 local function release_qkey(qkey)
   release_queue_key(K.qkeys, K.qk_pending, qkey, job, K.qk_until)

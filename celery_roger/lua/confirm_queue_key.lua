@@ -1,5 +1,5 @@
 --! KEYS: qkeys qk_pending qk_until
---! ARGV: qkey job deadline_ms window_ms
+--! ARGV: qkey job deadline_ms window_ms hist_ms
 -- Publish with a queue key, step 2: the broker accepted the message, so the key is
 -- held until the job's attempt ends (no deadline any more), or, for a job with an
 -- expiry (which a broker such as RabbitMQ may drop unseen), until that expiry plus the
@@ -21,4 +21,5 @@ if tonumber(A.deadline_ms) > 0 then
 else
   redis.call('ZREM', K.qk_pending, A.qkey)
 end
+history(K.qkeys, 'qkeys', A.job, A.hist_ms, 'published', '', 'queue key ' .. A.qkey)
 return 1

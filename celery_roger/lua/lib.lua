@@ -83,7 +83,8 @@ local KEY_TYPES = {
 local function key_type(key)
   local prefix, name = string.match(key, '^(roger:{[^}]*}:)(.*)$')
   if not name then return nil, nil end
-  if string.sub(name, 1, 7) == 'parked:' or string.sub(name, 1, 5) == 'held:' then
+  if string.sub(name, 1, 7) == 'parked:' or string.sub(name, 1, 5) == 'held:'
+      or string.sub(name, 1, 5) == 'hist:' then
     return prefix, 'list'
   end
   if string.sub(name, 1, 9) == 'ratewait:' or string.sub(name, 1, 7) == 'qkwait:' then
@@ -206,6 +207,22 @@ local function buried_index_add(prefix, job, task, err, queue, at)
   end
 end
 
+-- A job's history (roger_history_ttl): each transition appends one entry to the list
+-- `hist:<job>`, in the script that makes the transition: "<ms>\t<event>\t<worker>\t<detail>",
+-- the last 50 kept, the key expiring `hist_ms` after its newest entry (0: history off).
+-- `key` is any key of the partition and `name` its name (for the prefix). It never fails
+-- its script: a `hist:` key of another type (not roger's) is left alone, the entry lost.
+local function history(key, name, job, hist_ms, event, worker, detail)
+  local ttl = tonumber(hist_ms)
+  if not ttl or ttl <= 0 or type(job) ~= 'string' or job == '' then return end
+  local hist = string.sub(key, 1, #key - #name) .. 'hist:' .. job
+  local n = redis.pcall('RPUSH', hist, now_ms() .. '\t' .. event .. '\t' .. (worker or '')
+    .. '\t' .. string.gsub(detail or '', '[\t\n]', ' '))
+  if type(n) ~= 'number' then return end
+  if n > 50 then redis.call('LTRIM', hist, -50, -1) end
+  redis.call('PEXPIRE', hist, ttl)
+end
+
 -- Whether `s` is UTF-8 (JSON must be; cjson does not check, Python's json does).
 local function valid_utf8(s)
   if not string.find(s, '[\128-\255]') then return true end
@@ -302,7 +319,7 @@ end
 -- (the end of a job without keys, deferred by its process: deferred.py): never a later
 -- attempt's record. (A byte comparison: no JSON decoding on the hot path.)
 local function forget_ended(running, job, record)
-  if redis.call('HGET', running, job) == record then redis.call('HDEL', running, job) end
+  return redis.call('HGET', running, job) == record and redis.call('HDEL', running, job) == 1
 end
 
 -- Record a job as running under `instance` (admit.lua, start.lua). A redelivered job whose

@@ -1,5 +1,5 @@
 --! KEYS: fuse qkeys qk_pending qk_until stats queue
---! ARGV: token qkey job payload deadline_ms window_ms
+--! ARGV: token qkey job payload deadline_ms window_ms hist_ms
 --! LEAN
 -- Publish with a queue key on a Redis broker that is roger's Redis, in one round trip:
 -- take the key and push the message together, so the key is never pending.
@@ -41,4 +41,11 @@ else
   redis.call('ZREM', K.qk_until, A.qkey)
 end
 redis.call('LPUSH', K.queue, A.payload)
+if tonumber(A.hist_ms) > 0 then  -- its history (lib.lua's history(), inlined: a lean script)
+  local hist = string.sub(K.qkeys, 1, #K.qkeys - 5) .. 'hist:' .. A.job
+  if type(redis.pcall('RPUSH', hist, now .. '\tpublished\t\tqueue key ' ..
+      string.gsub(A.qkey, '[\t\n]', ' '))) == 'number' then
+    redis.call('PEXPIRE', hist, A.hist_ms)
+  end
+end
 return {'sent'}

@@ -418,3 +418,64 @@ def test_a_raised_live_limit_starts_parked_jobs_at_once_and_a_clear_forgets_it(s
         assert admit(store, job, "e") == "run"
     assert store.parked_ids("e") == ["d"]
     assert store.set_limit("e", None) == [] and store.limits() == {}
+
+
+# -- a job's history (roger_history_ttl) --------------------------------------------------
+
+
+def events_of(store: Store, job: str) -> list[tuple[str, str | None]]:
+    return [(e["event"], e["detail"]) for e in store_reads.job_records(store, job).history]
+
+
+def test_each_transition_writes_the_jobs_history(store):
+    store.renew("w1", registered=False)
+    assert store.take_queue_key("k", "a") is None and store.confirm_queue_key("k", "a")
+    assert admit(store, "a", "e", qk="k") == "run"
+    assert admit(store, "b", "e") == "parked"
+    assert store.finish("a", execution_key="e", queue_key="k", instance="w1",
+                        outcome="succeeded").promotion.job_id == "b"
+    assert events_of(store, "a") == [("published", "queue key k"),
+                                     ("admitted", "execution key e"), ("succeeded", None)]
+    assert events_of(store, "b") == [
+        ("parked", "behind execution key e at position 1, held by a"),
+        ("promoted", "execution key e handed on by a")]
+    record = store.redis.hget(store.k_running, "a")  # (gone: finished)
+    assert record is None
+
+    first = store.start("c", "q", {"job": "c", "instance": "w1", "queue": "q"}, "w1")
+    assert first[0] == "run"
+    written = store.redis.hget(store.k_running, "c").decode()
+    store.start("d", "q", {"job": "d", "instance": "w1", "queue": "q"}, "w1",
+                done={"done": "c", "done_record": written, "done_outcome": "failed"})
+    assert events_of(store, "c") == [("started", "queue q"), ("failed", None)]
+
+    assert store.schedule_retry("d", 5, entry("d"))
+    store.bury("d", "q", {"id": "d", "task": "t", "error_type": "KeyError", "queue": "q"})
+    store.unbury("d", "q")
+    assert [e for e, _ in events_of(store, "d")] == ["started", "retry scheduled", "buried",
+                                                      "requeued"]
+    store.hold("h", "q", entry("h"))
+    store.cancel("h")
+    assert [e for e, _ in events_of(store, "h")] == ["held", "cancelled"]
+    entries = store_reads.job_records(store, "a").history
+    assert all(abs(e["at"] - time.time()) < 60 for e in entries)
+    assert 0 < store.redis.pttl(store.history_key("a")) <= 86_400_000
+
+
+def test_history_is_bounded_off_at_zero_and_never_breaks_a_script(store, redis_url):
+    for _ in range(60):
+        store.schedule_retry("j", 1, entry("j"))
+    assert len(events_of(store, "j")) == 50, "the last 50 entries are kept"
+    store.redis.set(store.history_key("x"), "not a list")  # garbage where history goes
+    store.renew("w1", registered=False)
+    assert admit(store, "x", "e2") == "run", "the transition happens, its entry is lost"
+    assert store.redis.get(store.history_key("x")) == b"not a list"
+
+    app = Celery("no-history", broker=redis_url, backend=redis_url)
+    app.conf.update(roger_redis_url=redis_url, roger_partition=f"tr-{uuid.uuid4().hex[:8]}",
+                    roger_history_ttl=0)
+    quiet = Roger(app).store
+    quiet.renew("w1", registered=False)
+    assert admit(quiet, "y", "e") == "run"
+    assert quiet.redis.exists(quiet.history_key("y")) == 0
+    app.close()

@@ -198,7 +198,8 @@
   const LINKS = new Set(["holder", "promoted_by", "queue_key_holder"]);
 
   function jobPage(id, j) {
-    const rows = Object.entries(j).filter(([k]) => k !== "explanation").map(([k, v]) =>
+    const rows = Object.entries(j).filter(([k]) => k !== "explanation" && k !== "history")
+      .map(([k, v]) =>
       [k, TIMES.has(k) && typeof v === "number" ? when(v, k === "next_run")
         : LINKS.has(k) && typeof v === "string" ? jobLink(v)
           : k === "execution_key" && typeof v === "string" ? lineLink(v, h("code", null, v))
@@ -206,9 +207,13 @@
     const buttons = j.state === "buried"
       ? [button("requeue", "requeue", {job: id}), button("purge", "purge-one", {job: id})]
       : [button("cancel", "cancel", {job: id})];
+    const history = (j.history || []).map((e) => [when(e.at), text(e.event), text(e.worker),
+      text(e.detail)]);
     return [h("h3", null, "Job ", h("code", null, id), flower ? " " : "", flowerLink(id)),
       h("p", null, h("b", null, text(j.explanation))),
-      table(["field", "value"], rows), ...buttons];
+      table(["field", "value"], rows), ...buttons,
+      h("h3", null, "History"), history.length ? table(["when", "event", "worker", "detail"],
+        history) : h("p", {cls: "muted"}, "none kept (roger_history_ttl)")];
   }
 
   // -- the lists ------------------------------------------------------------------------------
