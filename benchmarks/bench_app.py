@@ -23,6 +23,8 @@ app.conf.update(
     roger_partition="bench",
     # opt-in (README): the execution-key figures of docs/benchmarks.md are with it on
     roger_pipelined_admission=True,
+    # BENCH_HISTORY_TTL=0: without jobs' histories (default: on, a day, as users get it)
+    roger_history_ttl=float(os.environ.get("BENCH_HISTORY_TTL", 86400)),
     task_ignore_result=True,
     worker_prefetch_multiplier=4,
     broker_connection_retry_on_startup=True,

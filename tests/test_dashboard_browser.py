@@ -9,6 +9,7 @@ import os
 import shutil
 import time
 import urllib.parse
+from pathlib import Path
 
 import pytest
 
@@ -127,10 +128,12 @@ def test_the_job_page_explains_why_a_job_is_not_running(app_module, run, r, brow
                       and "parked:" in t and t, timeout=15, what="the explanation")
     assert f"held by job {holder.id} on {w.nodename} (alive)" in text
     assert "position 1 of 1" in text
+    # its history, as a timeline: parked behind the holder (lib.lua's history)
+    assert f"behind execution key {key} at position 1, held by {holder.id}" in text, text
     # --flower-url: the job links to its Flower page
     links = {a.get_attribute("href") for a in browser.find_elements(By.CSS_SELECTOR, "a.flower")}
     assert f"http://flower.test:5555/task/{parked.id}" in links, links
-    shot = tmp_path / "dashboard-job.png"
+    shot = Path(os.environ.get("ROGER_SCREENSHOTS") or tmp_path) / "console-job.png"
     browser.save_screenshot(str(shot))
     print(f"screenshot: {shot}")
     roger.cancel(holder.id)
