@@ -127,25 +127,37 @@ class Roger:
 
     # -- cancellation ----------------------------------------------------------------------
 
-    def cancel(self, job_id: str) -> str:
+    def cancel(self, job_id: str, *, by: str | None = None) -> str:
         """Cancel a job, wherever it is: it never runs (again) and is never retried.
 
         Returns where roger found it: ``"running"`` (it is stopped), ``"retry"``,
         ``"parked"`` or ``"paused"`` (taken out of Redis), or ``""`` (queued in the
         broker, finished, or unknown: a worker drops it if it is ever delivered).
-        Cancelling an unknown or finished job is harmless.
+        Cancelling an unknown or finished job is harmless. ``by``: who cancels it, for
+        the job's history.
         """
-        if not isinstance(job_id, str) or not job_id:
-            raise ValueError(f"job_id must be a non-empty str, got {job_id!r}")
-        running, where = self.store.cancel(job_id)
+        return self.cancel_jobs([job_id], by=by)[job_id]
+
+    def cancel_jobs(self, job_ids: list[str], *, by: str | None = None) -> dict[str, str]:
+        """``cancel`` for several jobs at once (one broadcast, one wait): each job's
+        answer, as ``cancel`` gives it."""
+        if not isinstance(job_ids, (list, tuple)) or not all(
+                isinstance(j, str) and j for j in job_ids):
+            raise ValueError(f"job ids must be non-empty str, got {job_ids!r:.80}")
+        if by is not None and not isinstance(by, str):
+            raise ValueError(f"by must be a str, got {by!r:.80}")
+        found = {}
+        for job_id in job_ids:
+            running, where = self.store.cancel(job_id, by=by or "")
+            found[job_id] = "running" if running else where
         # Every worker drops copies delivered to it; the one running it kills it.
-        self.app.control.broadcast("roger_cancel", arguments={"job_ids": [job_id]},
+        self.app.control.broadcast("roger_cancel", arguments={"job_ids": list(job_ids)},
                                    reply=False)
-        if running:
+        if "running" in found.values():
             # Admitted somewhere: wait out the window in which it may start without its
             # start check (it is killed as it starts), so none starts after this returns.
             time.sleep(FRESH_ADMISSION_SECONDS)
-        return "running" if running else where
+        return found
 
     # -- pause and resume ----------------------------------------------------------------
 

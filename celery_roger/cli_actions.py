@@ -4,6 +4,7 @@ removed."""
 
 from __future__ import annotations
 
+import getpass
 import sys
 from typing import Any
 
@@ -57,10 +58,18 @@ def _shown(ctx: click.Context, name: str) -> str:
     return name
 
 
+def _user() -> str:
+    """Who runs the CLI (for a job's history), or "?" when the system cannot say."""
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError, ImportError):
+        return "?"
+
+
 def cancel_line(r: Roger, job_id: str) -> str:
     """Cancel ``job_id`` and say what roger knew of it. The cancellation is stored in every
     case, before anything else is asked (Celery's result backend among them)."""
-    where = r.cancel(job_id)
+    where = r.cancel(job_id, by=f"{_user()} (CLI)")
     if where:
         return f"cancelled {job_id} ({where})"
     view = r.job(job_id)  # asks the result backend, never failing when it is unreachable

@@ -64,10 +64,11 @@ class ControlStore(StoreBase):
         """Remember ``job_id`` as cancelled; true for the one caller that reports it."""
         return bool(self._run("claim_cancel", dict(job=job_id, ttl_ms=self.cancel_ttl_ms)))
 
-    def cancel(self, job_id: str) -> tuple[dict[str, Any] | None, str]:
-        """Cancel: (its running record or None, where it waited in Redis or '')."""
+    def cancel(self, job_id: str, by: str = "") -> tuple[dict[str, Any] | None, str]:
+        """Cancel: (its running record or None, where it waited in Redis or ''); ``by``:
+        who cancels it (its history)."""
         running, where = self._run(
-            "cancel", dict(job=job_id, ttl_ms=self.cancel_ttl_ms, prefix=self.prefix)
+            "cancel", dict(job=job_id, ttl_ms=self.cancel_ttl_ms, prefix=self.prefix, by=by)
         )
         return (self.decode(running, self.k_running, job_id) if running else None), text(where)
 

@@ -114,6 +114,8 @@ def test_bulk_actions_are_guarded_labelled_and_audited(console, run):
     status, body = call("POST", f"{base}/api/roger/jobs/cancel", "s3cret",
                         body={"ids": ["c1", "c2"]})
     assert status == 200 and store.is_cancelled("c1") and store.is_cancelled("c2")
+    assert [(e["event"], e["detail"]) for e in roger.job("c1")["history"]] == \
+        [("cancelled", "by default (dashboard)")], "the job's history says who"
 
     store.take_queue_key("qk-held", "someone")
     status, body = call("POST", f"{base}/api/roger/keys/queue/release", "alice-token",

@@ -93,6 +93,11 @@ def audited(roger: Roger, action: str, target: str, **result: Any) -> Any:
     return jsonify(ok=True, audited=logged, **result)
 
 
+def _who() -> str:
+    """Who acts, as the job's history says it."""
+    return f"{g.roger_label} (dashboard)"
+
+
 def int_arg(name: str, default: int, *, maximum: int, minimum: int = 0) -> int:
     raw = request.args.get(name)
     if raw is None:
@@ -174,7 +179,8 @@ def action_routes(web: Flask, roger: Roger, action: Callable[[Route], Route]) ->
     @web.post("/api/roger/jobs/<job_id>/cancel")
     @action
     def api_cancel(job_id: str) -> Any:
-        return audited(roger, "cancel", job_id, id=job_id, found=roger.cancel(job_id))
+        return audited(roger, "cancel", job_id, id=job_id,
+                       found=roger.cancel(job_id, by=_who()))
 
     @web.post("/api/roger/buried/<job_id>/requeue")
     @action
@@ -208,7 +214,7 @@ def bulk_routes(web: Flask, roger: Roger, action: Callable[[Route], Route]) -> N
     @action
     def api_bulk_cancel() -> Any:
         ids = _ids()
-        found = {job: roger.cancel(job) for job in ids}
+        found = roger.cancel_jobs(ids, by=_who())
         return audited(roger, "cancel", f"{len(ids)} jobs", ids=ids, results=found)
 
     @web.post("/api/roger/keys/<kind>/release")

@@ -1,17 +1,17 @@
 --! KEYS: cancelled cancel_reported cancel_reports retry retry_msg msg promoting held_msg qkeys qk_pending qk_until running parked_count stats
---! ARGV: job ttl_ms prefix hist_ms
+--! ARGV: job ttl_ms prefix by hist_ms
 -- Cancel a job: remember it (until its TTL), and take it out of every place where it
 -- waits in Redis (for its retry, parked on an execution key, held by a paused queue),
 -- releasing its queue key. A worker's tick then reports it (on_cancel) exactly once.
 -- KEYS: cancelled, cancel_reported, cancel_reports (list), retry, retry_msg, msg,
 --       promoting, held_msg, qkeys, qk_pending, running, parked_count, stats
 -- ARGV: job id, ttl_ms, key prefix (for parked:<execution key>, ratewait:<rate key> and
---       held:<queue>)
+--       held:<queue>), who cancels it ('' : not said; its history), hist_ms
 -- Returns {running info json or '', where it waited or ''}.
 local now = now_ms()
 local job, expiry = A.job, now + tonumber(A.ttl_ms)
 redis.call('ZADD', K.cancelled, 'GT', expiry, job)
-history(K.cancelled, 'cancelled', job, A.hist_ms, 'cancelled', '', '')
+history(K.cancelled, 'cancelled', job, A.hist_ms, 'cancelled', '', A.by ~= '' and ('by ' .. A.by) or '')
 
 local function release_qkey(qkey)
   release_queue_key(K.qkeys, K.qk_pending, qkey, job, K.qk_until)
