@@ -146,13 +146,17 @@ class Roger:
             raise ValueError(f"job ids must be non-empty str, got {job_ids!r:.80}")
         if by is not None and not isinstance(by, str):
             raise ValueError(f"by must be a str, got {by!r:.80}")
-        found = {}
-        for job_id in job_ids:
-            running, where = self.store.cancel(job_id, by=by or "")
-            found[job_id] = "running" if running else where
-        # Every worker drops copies delivered to it; the one running it kills it.
-        self.app.control.broadcast("roger_cancel", arguments={"job_ids": list(job_ids)},
-                                   reply=False)
+        found: dict[str, str] = {}
+        try:
+            for job_id in dict.fromkeys(job_ids):
+                running, where = self.store.cancel(job_id, by=by or "")
+                found[job_id] = "running" if running else where
+        finally:
+            # Every worker drops copies delivered to it; the one running it kills it (the
+            # ones stored before a failure too).
+            if found:
+                self.app.control.broadcast("roger_cancel", arguments={"job_ids": list(found)},
+                                           reply=False)
         if "running" in found.values():
             # Admitted somewhere: wait out the window in which it may start without its
             # start check (it is killed as it starts), so none starts after this returns.

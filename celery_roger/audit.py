@@ -11,8 +11,10 @@ from .records import text
 from .store import Store
 from .store_reads import read
 
-#: How many entries the audit log keeps (the oldest go first): about 200 bytes each.
+#: How many entries the audit log keeps (the oldest go first): about 200 bytes each,
+#: at most about 3 KB (a bulk action's ids: the first ``SAMPLE`` are kept).
 AUDIT_MAX = 10_000
+SAMPLE = 20
 
 
 def audit_key(store: Store) -> str:
@@ -23,12 +25,25 @@ def record(store: Store, label: str, action: str, target: str,
            result: dict[str, Any] | None = None) -> None:
     """Append one entry: ``label`` (whose token), ``action``, ``target``, ``result``."""
     entry = json.dumps({"at": time.time(), "label": label, "action": action,
-                        "target": target, "result": result or {}}, default=str)
+                        "target": target, "result": _compact(result or {})}, default=str)
     key = audit_key(store)
-    pipe = store.redis.pipeline(transaction=True)
+    pipe = store.redis.pipeline(transaction=False)  # (no MULTI: Redis Cluster clients)
     pipe.lpush(key, entry)
     pipe.ltrim(key, 0, AUDIT_MAX - 1)
     pipe.execute()
+
+
+def _compact(result: dict[str, Any]) -> dict[str, Any]:
+    """A result as the log keeps it: a list or dict of more than ``SAMPLE`` items (a bulk
+    action's ids) is cut to its first ``SAMPLE``, with ``<name>_count`` saying how many."""
+    kept: dict[str, Any] = {}
+    for name, value in result.items():
+        if isinstance(value, (list, dict)) and len(value) > SAMPLE:
+            kept[f"{name}_count"] = len(value)
+            value = value[:SAMPLE] if isinstance(value, list) else \
+                dict(list(value.items())[:SAMPLE])
+        kept[name] = value
+    return kept
 
 
 def entries(store: Store, limit: int, offset: int = 0) -> list[dict[str, Any]]:

@@ -7,7 +7,7 @@ import functools
 import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
@@ -88,14 +88,14 @@ class Settings:
     lease_seconds: float
     cancel_ttl: float
     buried_max: int
-    dashboard_token: str | None
+    dashboard_token: str | None = field(repr=False)
     publish_grace_seconds: float
     redis_client: Any = None
     #: A confirmed queue key whose job is nowhere is released after this long (0: never).
     orphaned_key_seconds: float = 120.0
     dashboard_allowed_hosts: tuple[str, ...] | None = None
     #: Labelled dashboard tokens (``roger_dashboard_tokens``): (label, token) pairs.
-    dashboard_tokens: tuple[tuple[str, str], ...] = ()
+    dashboard_tokens: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     #: How long each job's history is kept, in seconds (0: not kept).
     history_ttl: float = 86400.0
     #: Publish with a queue key in one script on a Redis broker that is roger's database.

@@ -23,6 +23,7 @@ What each kind is read from (docs/design.md, "The console's lists"):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import Any
@@ -67,7 +68,8 @@ def filters(given: dict[str, Any]) -> Filters:
         if value is None:
             continue
         if name in ("since", "until"):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be Unix seconds (a number >= 0), got {value!r}")
             checked[name] = float(value)
         elif not isinstance(value, str) or not value:
@@ -101,7 +103,9 @@ def _zbatches(store: Store, key: str, cursor: str | None, *, rev: bool, lo: floa
     try:
         bound: float | str = float(start[0]) if start else (hi if rev else lo)
     except ValueError:
-        raise ValueError(f"cursor {cursor!r} is not a cursor from this list") from None
+        bound = math.nan
+    if isinstance(bound, float) and not math.isfinite(bound):
+        raise ValueError(f"cursor {cursor!r} is not a cursor from this list")
     after = start[1] if start else None
     offset = 0
     while True:

@@ -17,6 +17,8 @@ from .values import as_count, as_str, field_name
 
 #: The most entries one page examines for a filter that is not an index.
 SCAN_BUDGET = 5000
+#: The least COUNT a page's HSCAN calls ask for (a page's budget is spent in such calls).
+HSCAN_COUNT = 50
 
 @dataclass(frozen=True)
 class Filters:
@@ -94,6 +96,7 @@ def _hscan(store: Store, key: str, cursor: str | None, limit: int, match: str | 
            ) -> Iterator[tuple[int, dict[Any, Any]]]:
     """HSCAN batches of ``key`` from ``cursor``: (the cursor after it, its fields)."""
     at = _int_cursor(cursor)
+    limit = max(limit, HSCAN_COUNT)
     while True:
         at, found = read(key, partial(store.redis.hscan, key, at, match=match, count=limit),
                          (0, {}))
@@ -109,7 +112,7 @@ def _scanned(batches: Iterator[tuple[int, dict[Any, Any]]], limit: int,
     items: list[dict[str, Any]] = []
     examined = 0
     for at, found in batches:
-        examined += len(found)
+        examined += max(limit, HSCAN_COUNT)  # (a MATCH may return none of what it examined)
         items.extend(make(found))
         if at and (len(items) >= limit or examined >= SCAN_BUDGET):
             return items, str(at)
@@ -151,7 +154,7 @@ def _holders(store: Store, found: dict[Any, Any], lines_only: bool) -> list[dict
     rows = []
     for name, holder in found.items():
         key, _, slot = text(name).partition("\0#")
-        rows.append({"key": key, "slot": int(slot) if slot.isdigit() else 1,
+        rows.append({"key": key, "slot": int(slot) if slot.isascii() and slot.isdecimal() else 1,
                      "holder": text(holder)})
     for row, n in zip(rows, _line_lengths(store, [str(r["key"]) for r in rows]), strict=True):
         row["parked"] = n

@@ -123,19 +123,31 @@ def test_bulk_actions_are_guarded_labelled_and_audited(console, run):
     assert body["holder"] == "someone" and store.queue_key_holder("qk-held") is None
     assert call("POST", f"{base}/api/roger/keys/queue/release", "alice-token",
                 body={})[1]["error"] == 'the body must be JSON {"key": "<the key>"}'
+    # A body that is not JSON (curl's form encoding, a cut-off body) purges nothing.
+    req = urllib.request.Request(purge, method="POST", data=b"ids=x",
+                                 headers={"Authorization": "Bearer bot-token"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=10)
+    assert refused.value.code == 400 and [j.id for j in roger.buried(f"q-{run}")] == [ids[3]]
+    status, body = call("POST", f"{base}/api/roger/jobs/cancel", "s3cret",
+                        body={"ids": [f"many-{i}" for i in range(30)]})
     status, body = call("POST", purge, "bot-token", body={"ids": []})
     assert status == 400 and "at least one id" in body["error"]
     status, body = call("POST", purge, "bot-token", body={"ids": ["x"] * 1001})
     assert status == 400 and "at most 1000 ids" in body["error"]
 
     status, log = call("GET", f"{base}/api/roger/audit?limit=10")
+    many = log["items"][0]
+    assert many["target"] == "30 jobs" and many["result"]["ids_count"] == 30
+    assert len(many["result"]["ids"]) == 20, "a bulk action's entry keeps a sample of ids"
+    del log["items"][0]
     assert [(e["label"], e["action"], e["target"]) for e in log["items"]] == [
         ("alice", "release queue key", "qk-held"),
         ("default", "cancel", "2 jobs"),
         ("alice", "requeue", "2 buried jobs"),
         ("deploy-bot", "purge", "2 buried jobs"),
     ], "newest first; refused calls are not actions"
-    assert log["items"][3]["result"]["ids"] == ids[:2] and log["total"] == 4
+    assert log["items"][3]["result"]["ids"] == ids[:2] and log["total"] == 5
     assert all(isinstance(e["at"], float) for e in log["items"])
 
 

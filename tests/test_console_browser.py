@@ -5,13 +5,15 @@ and the page. ``ROGER_SCREENSHOTS=<dir>`` also saves a screenshot of each page t
 from __future__ import annotations
 
 import os
+import re
+import time
 from pathlib import Path
 
 import pytest
 
 from .conftest import wait_until
 from .fast.test_lists import bury
-from .fast.test_transitions import admit
+from .fast.test_transitions import admit, message
 from .test_console_api import call, console  # noqa: F401 (fixture)
 from .test_dashboard_browser import browser  # noqa: F401 (fixture)
 from .test_inspection import dashboard  # noqa: F401 (fixture)
@@ -46,8 +48,8 @@ class Console:
             ".map(tr => tr.cells[0].textContent)")
 
     def wait_rows(self, wanted, what):
-        return wait_until(lambda: (found := self.rows()) == wanted and found, timeout=15,
-                          what=f"{what}: rows {wanted} (now {self.rows()})")
+        wait_until(lambda: self.rows() == wanted, timeout=15,
+                   what=f"{what}: rows {wanted} (now {self.rows()})")
 
     def select(self, job_id):
         box = self.b.find_element(*by("CSS_SELECTOR", f'input[data-select="{job_id}"]'))
@@ -207,3 +209,43 @@ def test_parked_lines_keys_and_release(page, run):
               call("GET", f"{ui.base}/api/roger/audit")[1]["items"]]
     assert labels == [("alice", "release queue key"), ("alice", "release execution key"),
                       ("alice", "cancel")]
+
+
+def test_running_retries_held_and_cancelled_lists(page, run):
+    ui, roger = page
+    store = roger.store
+    store.renew("w1", registered=False)
+    for i in range(3):  # recorded as running on w1, as a worker's admission records them
+        ek = f"tenant:{i}"
+        store.admit(f"r{i}", instance="w1", execution_key=ek, message=message(f"r{i}", ek),
+                    info={"job": f"r{i}", "instance": "w1", "queue": "q", "ek": ek,
+                          "task": "app.sync_tenant", "worker": "celery@web-1",
+                          "pid": 4100 + i, "admitted_at": time.time() - 30 * i})
+    for i in range(3):
+        store.schedule_retry(f"t{i}", 60 + i, {"kind": "entry", "task": "app.sync", "args": [],
+                                               "kwargs": {}, "options": {"headers": {
+                                                   "roger": {"q": "q1", "rc": i + 1}}}})
+    store.pause("q2", "deploy")
+    store.hold("h1", "q2", {"kind": "entry", "task": "app.mail", "args": [], "kwargs": {},
+                            "options": {"headers": {"roger": {"q": "q2"}}}})
+    roger.cancel("gone-1")
+
+    ui.open("/lists/running", "Running jobs")
+    wait_until(lambda: sorted(ui.rows()) == ["r0", "r1", "r2"], timeout=15,
+               what="the running jobs")
+    ui.shot("running")
+    ui.b.find_element(*by("CSS_SELECTOR", "#filters input[name=queue]")).send_keys("other")
+    ui.press("filter")
+    ui.wait_rows([], "no running job on queue 'other'")
+
+    ui.open("/lists/retries", "Waiting retries")
+    ui.wait_rows(["t0", "t1", "t2"], "the retries by due time")
+    due = re.findall(r"in (\d+)s", ui.b.find_element(*by("ID", "view")).text)
+    assert len(due) == 3 and all(30 < int(s) <= 62 for s in due), due  # in about a minute
+    ui.shot("retries")
+    ui.open("/lists/held", "Held for a paused queue")
+    ui.wait_rows(["h1"], "the held job")
+    ui.open("/lists/cancelled", "Cancellations")
+    ui.wait_rows(["gone-1"], "the cancellation")
+    ui.open("/", "Queues")
+    ui.shot("overview")

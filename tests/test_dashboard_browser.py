@@ -99,6 +99,7 @@ def test_pause_and_resume_from_the_page(app_module, run, browser, dashboard, tmp
     print(f"screenshot: {shot}")
     assert shot.stat().st_size > 1000
     click("resume")
+    browser.switch_to.alert.accept()  # "Resume q-...?"
     wait_until(lambda: queue not in roger.paused_queues(), timeout=10, what="the resume")
     wait_until(lambda: button("pause"), timeout=10, what="the page to show it resumed")
 
@@ -361,8 +362,9 @@ def test_crafted_values_stay_text_and_actions_reach_the_right_job(
         page.has_cell(f"paused {s}s ago ({reason})") for s in range(1, 30))
     page.clean()
 
-    # Resume the crafted queue: exactly it, and nothing else, is resumed; no dialog.
+    # Resume the crafted queue: exactly it, and nothing else, is resumed; no other dialog.
     page.click(crafted_queue, "resume")
+    assert page.dialog() == f"Resume queue {crafted_queue}?"
     wait_until(lambda: crafted_queue not in roger.paused_queues(), timeout=10,
                what="the crafted queue resumed")
     time.sleep(0.5)
@@ -401,6 +403,7 @@ def test_crafted_values_stay_text_and_actions_reach_the_right_job(
         name in td.text for td in recording.find_elements(By.CSS_SELECTOR, "#view td"))
     page.clean()
     page.click(buried_id, "requeue")
+    assert page.dialog() == f"Requeue buried job {buried_id}?"
     wait_until(lambda: [e for e in events(r, run, "done") if e["name"] == name], timeout=20,
                what="the requeued job to run")
     time.sleep(0.5)
@@ -410,8 +413,10 @@ def test_crafted_values_stay_text_and_actions_reach_the_right_job(
     # The page at /jobs/<the holder's crafted id> too.
     page.open_job(base, holder_id, "cancelled")
 
-    assert page.seen == [f"confirm: Cancel job {parked_id}?",
-                         f"confirm: Cancel job {holder_id}?"]
+    assert page.seen == [f"confirm: Resume queue {crafted_queue}?",
+                         f"confirm: Cancel job {parked_id}?",
+                         f"confirm: Cancel job {holder_id}?",
+                         f"confirm: Requeue buried job {buried_id}?"]
     paused = roger.paused_queues()
     assert victim not in paused and crafted_queue not in paused and queue not in paused
 
@@ -444,10 +449,11 @@ def test_a_crafted_partition_name_stays_text(app_module, run, recording, dashboa
                    what="the pause in the crafted partition")
         assert queue not in Roger(app_module.app).paused_queues()  # not in "test"
         page.click(queue, "resume")
+        assert page.dialog() == f"Resume queue {queue}?"
         wait_until(lambda: queue not in other.paused_queues(), timeout=10, what="the resume")
         time.sleep(0.5)
         page.no_dialog()
         page.clean()
-        assert page.seen == [f"confirm: Pause queue {queue}?"]
+        assert page.seen == [f"confirm: Pause queue {queue}?", f"confirm: Resume queue {queue}?"]
     finally:
         app.close()

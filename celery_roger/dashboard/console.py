@@ -9,12 +9,12 @@ is written to the audit log with that label once it is done (``audit.py``).
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from flask import Flask, abort, g, jsonify, request
-from redis.exceptions import RedisError
 
 from .. import audit, lists
 from ..api import Roger
@@ -86,7 +86,7 @@ def audited(roger: Roger, action: str, target: str, **result: Any) -> Any:
     try:
         audit.record(roger.store, g.roger_label, action, target, result)
         logged = True
-    except RedisError:
+    except Exception:
         logger.exception("roger dashboard: %s by %s on %s is done, but could not be "
                          "written to the audit log", action, g.roger_label, target)
         logged = False
@@ -123,8 +123,19 @@ def _float_arg(name: str) -> float | None:
 
 
 def _body() -> dict[str, Any]:
-    body = request.get_json(silent=True)
-    return body if isinstance(body, dict) else {}
+    """The request's JSON object ({} when it has no body); a body that is not a JSON
+    object is a 400, whatever its Content-Type (never read as "no body": an unreadable
+    purge must not purge everything)."""
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise ValueError("the body must be a JSON object")
+    return body
 
 
 def _ids() -> list[str]:
@@ -206,9 +217,15 @@ def bulk_routes(web: Flask, roger: Roger, action: Callable[[Route], Route]) -> N
     @action
     def api_bulk_requeue() -> Any:
         ids = _ids()
-        done = {job: bool(roger.requeue_buried(job)) for job in ids}
+        done: dict[str, Any] = {}
+        for job in ids:  # one that fails (the broker down) does not hide the others
+            try:
+                done[job] = bool(roger.requeue_buried(job))
+            except Exception as exc:
+                logger.exception("roger dashboard: could not requeue buried job %s", job)
+                done[job] = f"error: {type(exc).__name__}: {exc}"
         return audited(roger, "requeue", f"{len(ids)} buried jobs", ids=ids,
-                       requeued=sum(done.values()), results=done)
+                       requeued=sum(v is True for v in done.values()), results=done)
 
     @web.post("/api/roger/jobs/cancel")
     @action

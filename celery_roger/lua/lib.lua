@@ -169,7 +169,7 @@ end
 
 -- The buried queue's filter indexes (docs/design.md, "The console's lists"), kept by every
 -- script that buries a job or removes a buried one: `buried_tags` (hash job -> task, error
--- type and queue, newline-separated), `buried_by_task:<task>` and `buried_by_error:<type>`
+-- type and queue, a JSON array), `buried_by_task:<task>` and `buried_by_error:<type>`
 -- (zsets job -> burial time in µs, as `buried`), `buried_facets` (hash `task:<t>` and
 -- `error:<e>` -> how many are buried). Dynamic keys: each is type-checked once per call.
 local buried_guarded = {}
@@ -179,31 +179,38 @@ local function buried_index_key(prefix, name)
   return key
 end
 
+-- Add `delta` to a facet's count; a count that is not a number (written by something
+-- else) counts as 0, so the script never fails on it; a count that reaches 0 goes.
+local function facet_count(facets, field, delta)
+  local n = (tonumber(redis.call('HGET', facets, field)) or 0) + delta
+  if n > 0 then redis.call('HSET', facets, field, math.floor(n)) else redis.call('HDEL', facets, field) end
+end
+
 local function buried_index_remove(prefix, job)
   local tags = buried_index_key(prefix, 'buried_tags')
   local tag = redis.call('HGET', tags, job)
   if not tag then return nil end
   redis.call('HDEL', tags, job)
-  local task, err, queue = string.match(tag, '^([^\n]*)\n([^\n]*)\n(.*)$')
-  if not task then return nil end
-  local facets = buried_index_key(prefix, 'buried_facets')
-  for facet, value in pairs({task = task, error = err}) do
-    redis.call('ZREM', buried_index_key(prefix, 'buried_by_' .. facet .. ':' .. value), job)
-    if redis.call('HINCRBY', facets, facet .. ':' .. value, -1) <= 0 then
-      redis.call('HDEL', facets, facet .. ':' .. value)
-    end
+  local ok, t = pcall(cjson.decode, tag)  -- [task, error type, queue]
+  if not ok or type(t) ~= 'table' or type(t[1]) ~= 'string' or type(t[2]) ~= 'string'
+      or type(t[3]) ~= 'string' then
+    return nil
   end
-  return queue
+  local facets = buried_index_key(prefix, 'buried_facets')
+  for _, fv in ipairs({{'task', t[1]}, {'error', t[2]}}) do
+    redis.call('ZREM', buried_index_key(prefix, 'buried_by_' .. fv[1] .. ':' .. fv[2]), job)
+    facet_count(facets, fv[1] .. ':' .. fv[2], -1)
+  end
+  return t[3]
 end
 
 local function buried_index_add(prefix, job, task, err, queue, at)
   buried_index_remove(prefix, job)
-  redis.call('HSET', buried_index_key(prefix, 'buried_tags'), job,
-    task .. '\n' .. err .. '\n' .. queue)
+  redis.call('HSET', buried_index_key(prefix, 'buried_tags'), job, cjson.encode({task, err, queue}))
   local facets = buried_index_key(prefix, 'buried_facets')
-  for facet, value in pairs({task = task, error = err}) do
-    redis.call('ZADD', buried_index_key(prefix, 'buried_by_' .. facet .. ':' .. value), at, job)
-    redis.call('HINCRBY', facets, facet .. ':' .. value, 1)
+  for _, fv in ipairs({{'task', task}, {'error', err}}) do
+    redis.call('ZADD', buried_index_key(prefix, 'buried_by_' .. fv[1] .. ':' .. fv[2]), at, job)
+    facet_count(facets, fv[1] .. ':' .. fv[2], 1)
   end
 end
 

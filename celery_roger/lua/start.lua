@@ -18,7 +18,8 @@
 local function start()
   local now = now_ms()
   if A.done ~= '' and forget_ended(K.running, A.done, A.done_record) then
-    history(K.running, 'running', A.done, A.hist_ms, A.done_outcome, A.instance, '')
+    history(K.running, 'running', A.done, A.hist_ms,
+      A.done_outcome ~= '' and A.done_outcome or 'ended', A.instance, '')
   end
   local refused = arrival_check(A.job, A.queue, A.qkey, now, {
     qkeys = K.qkeys, qk_pending = K.qk_pending, cancelled = K.cancelled, cancel_reported = K.cancel_reported,

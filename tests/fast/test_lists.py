@@ -193,3 +193,30 @@ def test_queue_keys_retries_held_cancelled_and_running(roger):
 def test_bad_input_is_named(roger, call, message):
     with pytest.raises(ValueError, match=message):
         call(roger)
+
+
+def test_garbage_counts_and_odd_names_never_break_a_burial(roger):
+    store = roger.store
+    store.redis.hset(store.prefix + "buried_facets", "task:t", "not a number")
+    bury(store, "j1", task="t")  # the script goes on: a garbage count counts as 0
+    assert roger.buried_facets()["task"] == {"t": 1}
+    bury(store, "j2", task="line\nbreak", error="Odd\tError")
+    assert [j["id"] for j in roger.browse("buried", task="line\nbreak")["items"]] == ["j2"]
+    assert roger.purge_buried_jobs(["j2"]) == 1
+    assert "line\nbreak" not in roger.buried_facets()["task"]
+    assert not store.redis.exists(store.prefix + "buried_by_task:line\nbreak")
+    assert roger.browse("buried")["total"] == 1
+
+
+def test_a_prefix_that_matches_nothing_ends_the_page_within_its_budget(roger):
+    store = roger.store
+    store.redis.hset(store.k_holders, mapping={f"k{i}": f"j{i}" for i in range(20_000)})
+    calls = []
+    original = store.redis.hscan
+    store.redis.hscan = lambda *a, **k: calls.append(a) or original(*a, **k)  # type: ignore[method-assign]
+    try:
+        page = roger.browse("execution_keys", limit=1, prefix="zz")
+    finally:
+        del store.redis.hscan
+    assert page["items"] == [] and page["cursor"] is not None, "it stops with a cursor"
+    assert len(calls) <= 100, f"{len(calls)} HSCAN calls for one page"
