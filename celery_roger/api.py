@@ -136,6 +136,8 @@ class Roger:
         Cancelling an unknown or finished job is harmless. ``by``: who cancels it, for
         the job's history.
         """
+        if not isinstance(job_id, str) or not job_id:
+            raise ValueError(f"job_id must be a non-empty str, got {job_id!r}")
         return self.cancel_jobs([job_id], by=by)[job_id]
 
     def cancel_jobs(self, job_ids: list[str], *, by: str | None = None) -> dict[str, str]:

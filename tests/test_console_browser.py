@@ -193,7 +193,13 @@ def test_parked_lines_keys_and_release(page, run):
     wait_until(lambda: store.is_cancelled("p1"), timeout=10, what="p1 cancelled")
     ui.wait_rows(["p0", "p2"], "p1 out of the line")
 
+    admit(store, "other-holder", "other:1")
     ui.open("/lists/execution_keys", "Execution keys")
+    wait_until(lambda: sorted(ui.rows()) == ["other:1", "tenant:1"], timeout=15,
+               what="both keys")
+    ui.b.find_element(*by("CSS_SELECTOR", "#filters input[name=prefix]")).send_keys("tenant:")
+    ui.press("filter")
+    ui.wait_rows(["tenant:1"], "the prefix filter")
     ui.shot("execution-keys")
     ui.press("release")
     assert ui.confirm().startswith("Release execution key tenant:1?")
@@ -205,10 +211,17 @@ def test_parked_lines_keys_and_release(page, run):
     assert ui.confirm() == "Release queue key digest:1?"
     wait_until(lambda: store.queue_key_holder("digest:1") is None, timeout=10,
                what="the queue key released")
+    # A buried job's page: purge it (a buried job gets requeue and purge, not cancel).
+    bury(store, "dead-1")
+    ui.open("/jobs/dead-1", "buried after")
+    assert not ui.b.find_elements(*by("XPATH", "//div[@id='view']/button[.='cancel']"))
+    ui.b.find_element(*by("XPATH", "//div[@id='view']/button[.='purge']")).click()
+    assert ui.confirm() == "Purge buried job dead-1?"
+    wait_until(lambda: not store.is_buried("dead-1"), timeout=10, what="dead-1 purged")
     labels = [(e["label"], e["action"]) for e in
               call("GET", f"{ui.base}/api/roger/audit")[1]["items"]]
-    assert labels == [("alice", "release queue key"), ("alice", "release execution key"),
-                      ("alice", "cancel")]
+    assert labels == [("alice", "purge"), ("alice", "release queue key"),
+                      ("alice", "release execution key"), ("alice", "cancel")]
 
 
 def test_running_retries_held_and_cancelled_lists(page, run):
@@ -243,8 +256,13 @@ def test_running_retries_held_and_cancelled_lists(page, run):
     due = re.findall(r"in (\d+)s", ui.b.find_element(*by("ID", "view")).text)
     assert len(due) == 3 and all(30 < int(s) <= 62 for s in due), due  # in about a minute
     ui.shot("retries")
+    ui.open("/lists/retries?task=app.other", "Waiting retries")
+    ui.wait_rows([], "no retry of app.other")
     ui.open("/lists/held", "Held for a paused queue")
     ui.wait_rows(["h1"], "the held job")
+    ui.b.find_element(*by("CSS_SELECTOR", "#filters input[name=queue]")).send_keys("q1")
+    ui.press("filter")
+    ui.wait_rows([], "nothing held for q1")
     ui.open("/lists/cancelled", "Cancellations")
     ui.wait_rows(["gone-1"], "the cancellation")
     ui.open("/", "Queues")
