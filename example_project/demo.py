@@ -98,10 +98,14 @@ def main() -> int:
         jobs = [sync_account.delay(account) for account in accounts]
         for job in jobs:
             job.get(timeout=20)
-        runs = [e for e in audit() if e["task"] == "sync_account"]
-        starts = {}
-        for e in runs:
-            starts.setdefault(e["id"], {})[e["event"]] = e["t"]
+        def ended_runs():  # each job's "done" is written as it ends, after its result
+            found = {}
+            for e in audit():
+                if e["task"] == "sync_account":
+                    found.setdefault(e["id"], {})[e["event"]] = e["t"]
+            return found if all("done" in found.get(j.id, {}) for j in jobs) else None
+
+        starts = wait(ended_runs, 10, "the syncs' records")
         t0 = min(s["start"] for s in starts.values())
         for account, job in zip(accounts, jobs, strict=True):
             s = starts[job.id]

@@ -142,7 +142,6 @@ def test_the_job_page_explains_why_a_job_is_not_running(app_module, run, r, brow
 
 def test_the_overview_shows_slots_rates_and_throttles(
         app_module, run, browser, dashboard, worker):  # noqa: F811
-    from selenium.webdriver.common.by import By
 
     roger = Roger(app_module.app)
     worker(concurrency=4)
@@ -157,9 +156,10 @@ def test_the_overview_shows_slots_rates_and_throttles(
                what="two waiting on the rate")
     browser.get(dashboard())
 
-    def rows():
-        return [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
-                for tr in browser.find_elements(By.CSS_SELECTOR, "#view tr")]
+    def rows():  # read in one script: the view may be rebuilt between two reads
+        return browser.execute_script(
+            "return [...document.querySelectorAll('#view tr')].map(tr => [...tr.cells]"
+            ".map(td => td.innerText))")
 
     found = wait_until(lambda: (r := rows()) and any(row[:1] == [rk] for row in r) and r,
                        timeout=15, what="the rate key's row")

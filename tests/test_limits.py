@@ -182,7 +182,9 @@ def test_a_live_limit_from_the_cli_starts_parked_jobs_at_once(app_module, run, r
 
     key = f"{run}:incident"
     worker(concurrency=4)
-    jobs = [app_module.step.apply_async((run, f"j{i}", 1.5), execution_key=key)
+    # (4 s: the first job still runs when the CLI, a new process, sets the limit, even on a
+    # loaded machine; were it done, it would have handed its slot on first)
+    jobs = [app_module.step.apply_async((run, f"j{i}", 4.0), execution_key=key)
             for i in range(4)]
     roger = Roger(app_module.app)
     wait_until(lambda: len(roger.store.parked_ids(key)) == 3, timeout=20, what="3 parked")
@@ -192,12 +194,12 @@ def test_a_live_limit_from_the_cli_starts_parked_jobs_at_once(app_module, run, r
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "started 2 parked job(s)" in proc.stdout, proc.stdout
-    assert roger.info()["limits"]["execution"] == {key: 3}
+    assert roger.info()["limits"]["execution"].get(key) == 3  # (other tests' keys aside)
     for job in jobs:
         job.get(timeout=30)
     assert most_at_once(timeline(r, run)) == 3, "the two parked ones ran beside the first"
     roger.set_limit("execution", key, None)
-    assert roger.info()["limits"]["execution"] == {}
+    assert key not in roger.info()["limits"]["execution"]
 
 
 # -- rate / rate_key ---------------------------------------------------------------------------
