@@ -599,6 +599,8 @@ class Soak:
                 "local held = redis.call('HKEYS', KEYS[1]) "
                 "if #held == 0 then return false end "
                 "local ek = held[(tonumber(ARGV[2]) % #held) + 1] "
+                # a slot above 1 (execution_limit) is `E\0#i`: its line is E's
+                "ek = string.gsub(ek, '%z#%d+$', '') "
                 "redis.call('HSET', KEYS[2], ARGV[1], 'chaos poison: not a message {') "
                 "redis.call('RPUSH', ARGV[3] .. ek, ARGV[1]) return ek")
             job = f"poison-parked-{len(self.faults)}"

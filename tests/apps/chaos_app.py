@@ -63,8 +63,12 @@ app.conf.update(
     worker_prefetch_multiplier=int(os.environ.get("ROGER_CHAOS_PREFETCH", "4")),
     broker_heartbeat=0,
     broker_connection_retry_on_startup=True,
+    # unacked_mutex_expire: kombu restores unacked messages under a Redis lock that lasts
+    # 300 s by default; a worker SIGKILLed while holding it (restores run on every poll
+    # here) would hold every redelivery back for 5 minutes, past the soak's drain.
     broker_transport_options={"visibility_timeout": VISIBILITY,
-                              "unacked_restore_interval": 1, "unacked_restore_throttle": 1},
+                              "unacked_restore_interval": 1, "unacked_restore_throttle": 1,
+                              "unacked_mutex_expire": 5},
     result_expires=3600,
     # The soak restarts the Redis that holds the results. Celery's result store reads the
     # stored state before writing it, outside its own retry; without this a job that
